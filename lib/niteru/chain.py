@@ -34,12 +34,14 @@ class Stage:
 
     name: str
     notebook: str
-    config: str  # "module:ConfigClass", imported lazily (heavy modules stay unimported)
+    config: str | type[StageConfig]  # "module:ConfigClass", imported lazily (heavy modules stay unimported)
     upstream: tuple[str, ...] = ()
     shardable: bool = False
     gpu: bool = False
 
     def config_class(self) -> type[StageConfig]:
+        if isinstance(self.config, type):
+            return self.config
         module, _, attr = self.config.partition(":")
         return getattr(importlib.import_module(module), attr)
 
