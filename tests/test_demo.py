@@ -39,3 +39,19 @@ def test_ensure_demo_catalog_is_cached(tmp_path):
     assert again == first and (again / "catalog.parquet").stat().st_mtime_ns == stamp
     frame = pd.read_parquet(first / "catalog.parquet")
     assert all(str(first) in uri for uri in frame["image_uri"])
+
+
+def test_evolve_demo_catalog(demo_catalog, tmp_path):
+    from niteru.demo import evolve_demo_catalog
+
+    base = pd.read_parquet(demo_catalog / "catalog.parquet")
+    day2 = evolve_demo_catalog(demo_catalog, tmp_path / "day2", day=1, removed=0.1, new=0.1, changed=0.1,
+                               availability=0.1)
+    merged = base.merge(day2, on="product_id", how="outer", suffixes=("_a", "_b"), indicator=True)
+    assert (merged["_merge"] == "left_only").sum() == 3  # 10% of 32 rows removed
+    assert (merged["_merge"] == "right_only").sum() == 3  # new products
+    both = merged[merged["_merge"] == "both"]
+    assert (both["image_uri_a"] != both["image_uri_b"]).sum() == 3
+    assert (both["in_stock_a"] != both["in_stock_b"]).sum() == 3
+    assert day2["product_id"].is_unique
+    assert pd.read_parquet(tmp_path / "day2" / "catalog.parquet")["product_id"].tolist() == day2["product_id"].tolist()

@@ -140,7 +140,7 @@ def demo(products: int, variants: int, runs_root: str, run_id: str | None, assig
     """Generate the demo catalog and run the whole chain on it, then print how to serve and query it."""
     common, stages = parse_assignments(assignments)
     extract = stages.setdefault("extract", {})
-    extract.setdefault("source", f"demo:{products}x{variants}")
+    extract.setdefault("source", f"demo:n={products},v={variants}")
     result = _runner(runs_root).run(common, stages, run_id=run_id)
     _report(result)
     if not result.ok:

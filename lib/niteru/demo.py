@@ -289,3 +289,68 @@ def _rebase_uris(folder: Path, final: Path) -> None:
     frame = pd.read_parquet(folder / "catalog.parquet")
     frame["image_uri"] = [str(final / "images" / Path(u).name) for u in frame["image_uri"]]
     write_catalog_files(frame, folder)
+
+
+def evolve_demo_catalog(base_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], day: int = 1,
+                        removed: float = 0.05, new: float = 0.05, changed: float = 0.05,
+                        availability: float = 0.05, image_size: int = 256):
+    """Simulate the next day's catalog from a demo catalog folder, for incremental-run demos and tests.
+
+    Drops a fraction of rows (``removed``), adds new products (``new``, rendered photos), re-shoots some
+    photos (``changed``: a new image URI) and flips the in-stock flag of others (``availability``).
+    Unchanged rows keep their image URIs. Returns the new catalog DataFrame (also written to ``out_dir``).
+    """
+    import pandas as pd
+
+    base = pd.read_parquet(Path(base_dir) / "catalog.parquet")
+    rng = np.random.default_rng([day, 99])
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    n = len(base)
+    order = rng.permutation(n)
+    n_removed, n_changed, n_avail = (int(round(f * n)) for f in (removed, changed, availability))
+    drop = set(order[:n_removed])
+    reshoot = order[n_removed:n_removed + n_changed]
+    flip = order[n_removed + n_changed:n_removed + n_changed + n_avail]
+    frame = base.copy()
+    stamp = BASE_DATE + dt.timedelta(days=300 + day)
+    for idx in reshoot:
+        row = frame.iloc[idx]
+        product = _product_from_row(row)
+        photo = render_photo(product, make_shot(rng, 1), image_size, seed=day * 7919 + int(idx))
+        path = out / "images" / f"{row['product_id']}-d{day}.jpg"
+        photo.save(path, format="JPEG", quality=90)
+        frame.loc[frame.index[idx], ["image_uri", "updated_at"]] = [str(path.resolve()), stamp]
+    for idx in flip:
+        frame.loc[frame.index[idx], ["in_stock", "updated_at"]] = [not bool(frame.iloc[idx]["in_stock"]), stamp]
+    frame = frame.drop(index=frame.index[sorted(drop)])
+    start = 1 + max(int(g[1:]) for g in base["group_id"])
+    extra = make_products(start + int(round(new * n)), seed=day + 1000)[start:]
+    rows = []
+    for i, product in enumerate(extra):
+        product = Product(**{**product.__dict__, "group_id": f"P{start + i:05d}"})
+        photo = render_photo(product, make_shot(rng, 0), image_size, seed=day * 104729 + i)
+        pid = f"{product.group_id}-v0"
+        path = out / "images" / f"{pid}.jpg"
+        photo.save(path, format="JPEG", quality=90)
+        rows.append({"product_id": pid, "image_uri": str(path.resolve()), "category": product.category,
+                     "brand": product.brand, "price": product.price, "in_stock": True, "updated_at": stamp,
+                     "group_id": product.group_id, "color": product.color, "pattern": product.pattern,
+                     "title": f"{product.brand} {product.color} {product.pattern} {product.category}"})
+    if rows:
+        added = pd.DataFrame(rows)
+        added["updated_at"] = pd.to_datetime(added["updated_at"], utc=True).astype("datetime64[us, UTC]")
+        frame = pd.concat([frame, added], ignore_index=True)
+    frame["updated_at"] = pd.to_datetime(frame["updated_at"], utc=True).astype("datetime64[us, UTC]")
+    frame = frame.reset_index(drop=True)
+    write_catalog_files(frame, out)
+    return frame
+
+
+def _product_from_row(row) -> Product:
+    """Rebuild a product description from its catalog row (pattern details re-drawn deterministically)."""
+    rng = np.random.default_rng(int(row["group_id"][1:]))
+    secondary = "white" if row["color"] != "white" else "black"
+    return Product(group_id=row["group_id"], category=row["category"], color=row["color"], pattern=row["pattern"],
+                   secondary=secondary, pattern_scale=float(rng.uniform(0.05, 0.14)), pattern_angle=0,
+                   brand=row["brand"], price=float(row["price"]))
