@@ -190,6 +190,11 @@ class WebhookAlerter:
             self.notify(format_event(event))
 
 
+def webhook_hook_from_env() -> WebhookAlerter:
+    """The ChainRunner hook configured from ``NITERU_ALERT_WEBHOOK`` / ``NITERU_ALERT_EVENTS`` (used by the CLI)."""
+    return WebhookAlerter()
+
+
 # ------------------------------------------------------------------------------------ Airflow
 def airflow_failure_callback(context: Mapping[str, Any]) -> None:
     """``on_failure_callback`` for Airflow tasks: posts the failed task, its run folder and the (gate) error."""
