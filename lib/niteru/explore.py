@@ -277,7 +277,8 @@ def load_run(run_path: str | os.PathLike[str], device: str = "cpu") -> RunView:
     if not (path / "index" / runs.STAGE_SUMMARY).exists():
         raise ConfigError(f"{path} has no complete index/ folder: run the chain up to the 'index' stage first")
     model_json = path / "embed" / "model.json"
-    model_id = read_json(model_json).get("model_id") if model_json.exists() else None
+    model = read_json(model_json) if model_json.exists() else {}
+    model_id = model.get("model_id") or model.get("id")
     index = load_index(path / "index", expected_model_id=model_id)
     catalog = _read_parquet(path / "extract" / "catalog.parquet")
     if len(catalog):
@@ -367,13 +368,7 @@ def search(run: RunView, query: Query, params: SearchParams) -> pd.DataFrame:
     """
     filters = params.filters()
     if query.kind == "product" and query.product_id in set(run.product_ids):
-        if params.search_k is None:
-            hits = run.engine.by_product(query.product_id, params.k, filters)
-        else:  # by_product has no search_k: search by the product's primary vector, minus the product itself
-            vec = product_vector(run, query.product_id)
-            hits = [h for h in run.engine.by_vector(vec, params.k + 8, filters, search_k=params.search_k)
-                    if _hit(h)[0] != query.product_id][: params.k]
-        return hits_table(run, hits)
+        return hits_table(run, run.engine.by_product(query.product_id, params.k, filters, search_k=params.search_k))
     image_query = query
     if query.kind == "product":
         path = run.image_path(query.product_id)
@@ -383,18 +378,8 @@ def search(run: RunView, query: Query, params: SearchParams) -> pd.DataFrame:
 
         image_query = Query.from_image(load_rgb(path), name=query.product_id)
     vec, _ = query_vector(run, image_query)
-    hits = run.engine.by_vector(vec, params.k, filters, search_k=params.search_k)
-    if query.kind == "product":
-        hits = [h for h in hits if _hit(h)[0] != query.product_id]
-    return hits_table(run, hits)
-
-
-def product_vector(run: RunView, product_id: str) -> "np.ndarray":
-    idmap = run.index.idmap
-    rows = idmap.loc[idmap["product_id"].astype(str) == product_id].sort_values("crop_index")
-    if not len(rows):
-        raise ConfigError(f"product {product_id!r} is not in the index of run {run.run_id}")
-    return run.index.vector(int(rows["ann_id"].iloc[0]))
+    exclude = (query.product_id,) if query.kind == "product" else ()
+    return hits_table(run, run.engine.by_vector(vec, params.k, filters, search_k=params.search_k, exclude=exclude))
 
 
 def _hit(hit: Any) -> tuple[str, int, float, Mapping[str, Any]]:
