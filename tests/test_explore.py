@@ -82,3 +82,11 @@ def test_resolve_run_errors_name_the_folder(tmp_path: Path):
         explore.resolve_run(tmp_path)
     with pytest.raises(explore.ConfigError, match="run 'nope' not found"):
         explore.resolve_run(tmp_path, "nope")
+
+
+def test_config_run_id_is_the_parameter_not_the_run_dir_name():
+    cfg = ExploreConfig(run_id="20260101-000000-aaaa", run_dir="")
+    assert cfg.run_id == "20260101-000000-aaaa"
+    assert ExploreConfig().run_id == ""
+    with pytest.raises(explore.ConfigError, match="unknown parameter 'kk'"):
+        ExploreConfig.from_params({"kk": 3})

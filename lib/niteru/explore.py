@@ -61,8 +61,9 @@ QUERY_BOX_COLOR = (20, 120, 240)
 
 
 # ============================================================================================ config
-# ``run_id`` (the run to open) deliberately replaces StageConfig's derived ``run_id`` property (the run folder's
-# name): both mean "the run's id", and the notebook parameter is named so. Pydantic's shadowing warning is noise.
+# The notebook parameter ``run_id`` (the run to open) is a field here, while StageConfig derives a read-only
+# ``run_id`` property from ``run_dir``. The parent's property would hide the field's value (data descriptors win
+# over instance attributes), so ExploreConfig re-exposes the field just below the class; the warning is expected.
 warnings.filterwarnings("ignore", message='Field name "run_id" in "ExploreConfig" shadows', category=UserWarning)
 
 
@@ -87,6 +88,10 @@ class ExploreConfig(StageConfig):
     show_boxes: bool = Field(True, description="draw the detection / matched-crop boxes on thumbnails")
     columns: int = Field(6, ge=1, le=20, description="thumbnails per grid row")
     thumb_px: int = Field(160, ge=32, le=1024, description="thumbnail size in pixels")
+
+
+ExploreConfig.run_id = property(  # type: ignore[assignment, method-assign]
+    lambda self: self.__dict__["run_id"], doc="the run to open ('' = the latest successful run)")
 
 
 def default_runs_root() -> Path:
@@ -257,15 +262,19 @@ class RunView:
         return self._embedder
 
     def detect_params(self) -> dict[str, Any]:
-        """The crop-selection parameters the run's detect stage used (manifest, else the stage defaults)."""
+        """The crop policy and min_score the run's detect stage used: detect/detector.json, else the run's
+        manifest, else the stage defaults (so an uploaded image is cropped like the catalog was)."""
         from niteru.detect import DetectConfig
 
-        params: dict[str, Any] = {}
+        recorded: dict[str, Any] = {}
         manifest_path = self.path / runs.MANIFEST
         if manifest_path.exists():
-            params = dict(read_json(manifest_path).get("stages", {}).get("detect", {}).get("parameters", {}))
+            recorded = dict(read_json(manifest_path).get("stages", {}).get("detect", {}).get("parameters", {}))
+        detector_json = self.path / "detect" / "detector.json"
+        if detector_json.exists():
+            recorded.update({k: v for k, v in read_json(detector_json).items() if k in ("policy", "min_score")})
         fields = DetectConfig.model_fields
-        return {name: params.get(name, fields[name].default) for name in ("policy", "min_score") if name in fields}
+        return {name: recorded.get(name, fields[name].default) for name in ("policy", "min_score")}
 
 
 def load_run(run_path: str | os.PathLike[str], device: str = "cpu") -> RunView:
@@ -349,10 +358,7 @@ def query_vector(run: RunView, query: Query) -> tuple["np.ndarray", list[tuple[f
     image = query.image
     params = run.detect_params()
     boxes = run.detector().detect([image])[0]
-    kept = select_crops(boxes, params.get("policy"), params.get("min_score"), image.size) if params else \
-        select_crops(boxes, "all", 0.0, image.size)
-    if not kept:
-        raise NiteruError(f"the detector of run {run.run_id} kept no crop for {query.label}; try another image")
+    kept = select_crops(boxes, str(params["policy"]), float(params["min_score"]), image.size)
     vectors = run.embedder().embed([crop(image, kept[0])])
     result = vectors[0], [(float(b.x0), float(b.y0), float(b.x1), float(b.y1)) for b in kept]
     run.query_cache.clear()  # one image query at a time; keeps the uploaded image's vector while controls change
@@ -806,8 +812,8 @@ class Explorer:
         """The run's quality metrics (and the compared run's, side by side, when one is open)."""
         if self.compare_run is None:
             return pd.DataFrame({"metric": list(self.run.metrics), "value": list(self.run.metrics.values())})
-        table = compare_metrics(self.run.metrics, self.compare_run.metrics)
-        return table.rename(columns={"a": self.run.run_id, "b": self.compare_run.run_id})
+        table = compare_metrics(self.compare_run.metrics, self.run.metrics)  # delta = this run - the compared one
+        return table.rename(columns={"a": self.compare_run.run_id, "b": self.run.run_id})
 
     # ------------------------------------------------------------------ drawing
     def query_image(self) -> Image.Image | None:
