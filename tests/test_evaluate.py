@@ -184,3 +184,21 @@ def test_metric_helpers() -> None:
     assert nevaluate.choose_setting(table, 0.95)["search_k"] == 100
     assert nevaluate.choose_setting(table, 0.999)["n_trees"] == 50
     assert nevaluate.stable_sample(["b", "a", "c"], 2) == nevaluate.stable_sample(["c", "a", "b"], 2)
+
+
+@pytest.mark.slow
+def test_index_and_evaluate_notebooks_run_with_papermill(tmp_path: Path) -> None:
+    import papermill
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    run = tmp_path / "runs" / "nb"
+    write_upstream(run, n_categories=3, groups_per_category=5)
+    for name, params in (("04_index.ipynb", {"n_trees": 5}),
+                         ("05_evaluate.ipynb", {"n_queries": 20, "sweep_n_trees": [2, 5], "sweep_search_k": [-1, 100]})):
+        papermill.execute_notebook(str(notebooks / name), str(tmp_path / name), parameters={"run_dir": str(run), **params},
+                                   kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    sidecar = json.loads((run / "index" / "index.json").read_text())
+    assert sidecar["n_trees"] == 5 and sidecar["n_items"] == 28  # 30 photos, 2 out of stock
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert metrics["passed"] and metrics["recall@10"] == pytest.approx(1.0)
+    assert sorted({r["n_trees"] for r in metrics["sweep"]}) == [2, 5]
