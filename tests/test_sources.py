@@ -123,6 +123,7 @@ def test_demo_source_uses_the_shared_cache(tmp_path: Path) -> None:
 def test_parse_source_errors_are_actionable(tmp_path: Path) -> None:
     assert parse_source("demo").kind == "demo" and parse_source("bigquery").kind == "bigquery"
     assert parse_source("demo:n=5,v=1").options == {"n_products": 5, "variants": 1}
+    assert parse_source("demo:16x2,seed=3").options == {"n_products": 16, "variants": 2, "seed": 3}
     with pytest.raises(ConfigError, match="bad demo option"):
         parse_source("demo:products=5")
     with pytest.raises(ConfigError, match="nothing exists at"):

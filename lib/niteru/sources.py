@@ -3,7 +3,8 @@
 One logical query, several back ends, chosen by the ``source`` string:
 
 ============================  =====================================================================
-``demo`` / ``demo:n=20,v=2``   the synthetic demo catalog (:func:`niteru.demo.ensure_demo_catalog`)
+``demo`` / ``demo:16x2``       the synthetic demo catalog (:func:`niteru.demo.ensure_demo_catalog`);
+                               also ``demo:n=20,v=2,seed=0,size=128``
 ``path/to/catalog.duckdb``     a DuckDB database file, table ``catalog`` (``file.duckdb#table`` picks another)
 ``path/to/*.parquet``          Parquet file(s) or a glob, read through DuckDB
 ``path/to/catalog.csv``        CSV file(s) or a glob, read through DuckDB (types auto-detected)
@@ -169,9 +170,16 @@ def _abs_pattern(path: Path) -> str:
 def _parse_demo_options(text: str) -> dict[str, int]:
     options: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
+        shorthand = re.fullmatch(r"(\d+)(?:x(\d+))?", part)  # "16x2": 16 products x 2 photos
+        if shorthand:
+            options["n_products"] = int(shorthand.group(1))
+            if shorthand.group(2):
+                options["variants"] = int(shorthand.group(2))
+            continue
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in _DEMO_KEYS or not value.strip().isdigit():
-            raise ConfigError(f"bad demo option {part!r}: use e.g. 'demo:n=20,v=2,seed=0,size=128' "
+            raise ConfigError(f"bad demo option {part!r}: use e.g. 'demo:16x2' (products x photos) or "
+                              "'demo:n=20,v=2,seed=0,size=128' "
                               f"(keys: {', '.join(sorted(_DEMO_KEYS))})")
         options[_DEMO_KEYS[key.strip()]] = int(value)
     return options
