@@ -225,7 +225,8 @@ async def _fetch_all(keys: list[tuple[str, str | None]], cache: ImageCache,
     host_gates: dict[str, asyncio.Semaphore] = {}
     needs_gcs_auth = any(uri_scheme(u) == "gs" for u, _ in keys) and not os.environ.get("STORAGE_EMULATOR_HOST")
     gcs_headers = await asyncio.to_thread(_gcs_auth_headers) if needs_gcs_auth else {}
-    bar = tqdm(total=len(keys), desc="fetch images", unit="img", disable=not options.progress, mininterval=0.5)
+    quiet = {} if options.progress else {"disable": True}  # leave TQDM_DISABLE in charge otherwise
+    bar = tqdm(total=len(keys), desc="fetch images", unit="img", mininterval=0.5, **quiet)
     failed = 0
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
