@@ -27,10 +27,10 @@ def make_run(run: Path, n_trees: int = 10, **upstream) -> None:
     nindex.run(nindex.IndexConfig(run_dir=str(run), n_trees=n_trees))
 
 
-def write_manifest(run: Path, started_at: str, index_status: str = "succeeded") -> None:
+def write_manifest(run: Path, started_at: str, evaluate_status: str = "succeeded") -> None:
     write_json_atomic(run / "manifest.json", {
         "run_id": run.name, "status": "failed", "source": "synthetic", "started_at": started_at,
-        "stages": {"index": {"status": index_status}},
+        "stages": {"index": {"status": "succeeded"}, "evaluate": {"status": evaluate_status}},
     })
 
 
@@ -138,9 +138,9 @@ def test_drift_against_the_previous_successful_run(tmp_path: Path) -> None:
     prev = root / "20260101-000000-aaaa"
     make_run(prev, n_categories=4, groups_per_category=10)
     write_manifest(prev, "2026-01-01T00:00:00.000+00:00")
-    failed_idx = root / "20260101-120000-cccc"  # later, but its index stage failed: never the reference
-    make_run(failed_idx, n_categories=4, groups_per_category=10, seed=9)
-    write_manifest(failed_idx, "2026-01-01T12:00:00.000+00:00", index_status="failed")
+    failed_gate = root / "20260101-120000-cccc"  # later, but its index failed the gate: never the reference
+    make_run(failed_gate, n_categories=4, groups_per_category=10, seed=9)
+    write_manifest(failed_gate, "2026-01-01T12:00:00.000+00:00", evaluate_status="failed")
 
     same = root / "20260102-000000-bbbb"
     make_run(same, n_categories=4, groups_per_category=10)
@@ -154,7 +154,7 @@ def test_drift_against_the_previous_successful_run(tmp_path: Path) -> None:
     vecs, _, _ = clustered_vectors(4, 10, 2, 16, 0)
     vecs = vecs[np.random.default_rng(1).permutation(len(vecs))]
     make_run(drifted, n_categories=4, groups_per_category=10, vectors=vecs)
-    write_manifest(drifted, "2026-01-03T00:00:00.000+00:00")
+    write_manifest(drifted, "2026-01-03T00:00:00.000+00:00", evaluate_status="failed")  # as it will end
     with pytest.raises(GateFailed) as err:
         evaluate(drifted, min_drift_overlap=0.5, max_self_check=100)
     assert err.value.check == "drift_overlap"

@@ -403,7 +403,8 @@ def resolve_compare_run(cfg: EvaluateConfig) -> Path | None:
         return path
     manifest = cfg.run_path / MANIFEST
     source = read_json(manifest).get("source") if manifest.exists() else None
-    return previous_successful_run(cfg.run_path, source=source, stage="index")
+    # the reference is the last index that passed this gate (what is presumably serving), not merely built
+    return previous_successful_run(cfg.run_path, source=source, stage="evaluate")
 
 
 def drift_checks(cfg: EvaluateConfig, loaded: nindex.LoadedIndex, search_k: int,
