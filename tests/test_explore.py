@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import nbformat
@@ -90,3 +92,182 @@ def test_config_run_id_is_the_parameter_not_the_run_dir_name():
     assert ExploreConfig().run_id == ""
     with pytest.raises(explore.ConfigError, match="unknown parameter 'kk'"):
         ExploreConfig.from_params({"kk": 3})
+
+
+# ============================================================================================ real tiny runs
+N_PRODUCTS, VARIANTS = 16, 2
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real runs of the chain over the same tiny demo catalog (16 products x 2 photos, 2 of them out of stock): an older one
+    with a 16-d PCA projection (stops after index) and the latest one, full chain up to evaluate, raw features.
+    Both index out-of-stock products too, so the in-stock control has something to filter."""
+    from niteru.chain import ChainRunner, raise_for_result
+
+    root = tmp_path_factory.mktemp("explore-runs")
+    runner = ChainRunner(runs_root=root)
+    common = {"seed": 0, "device": "cpu"}
+    stages = {"extract": {"source": f"demo:n={N_PRODUCTS},v={VARIANTS}"}, "index": {"in_stock_only": False, "n_trees": 8}}
+    raise_for_result(runner.run(common, {**stages, "embed": {"pca_dim": 16}}, run_id="20260101-000000-old0",
+                                until="index"))
+    raise_for_result(runner.run(common, stages, run_id="20260102-000000-new0", until="evaluate"))
+    return root
+
+
+@pytest.fixture()
+def explorer(runs_root: Path) -> explore.Explorer:
+    return explore.Explorer(ExploreConfig(runs_root=str(runs_root), k=6, device="cpu"))
+
+
+def _captions(ex: explore.Explorer) -> list[str]:
+    return [cell.children[1].value for cell in ex.grid.children]
+
+
+def _upload(ex: explore.Explorer, data: bytes, name: str) -> None:
+    import datetime as dt
+
+    ex.upload.value = ({"name": name, "type": "image/jpeg", "size": len(data), "content": memoryview(data),
+                        "last_modified": dt.datetime.now(dt.timezone.utc)},)
+
+
+@pytest.mark.slow
+def test_opens_latest_successful_run_compares_with_previous_and_shows_metrics(explorer: explore.Explorer,
+                                                                              runs_root: Path):
+    ex = explorer
+    assert ex.last_error is None
+    assert ex.run.run_id == "20260102-000000-new0" and ex.compare_run.run_id == "20260101-000000-old0"
+    assert ex.run_select.value == "20260102-000000-new0" and ex.compare_select.value == "20260101-000000-old0"
+    assert len(ex.run.product_ids) == N_PRODUCTS * VARIANTS
+    # the displayed grid is the results table: one cell per result, caption = id, category, score
+    assert len(ex.results) == 6 and len(ex.grid.children) == 6
+    assert ex.query.product_id not in set(ex.results["product_id"])
+    assert ex.results["score"].is_monotonic_decreasing
+    for caption, row in zip(_captions(ex), ex.results.itertuples()):
+        assert row.product_id in caption and row.category in caption and f"score {row.score:.3f}" in caption
+    # side panel: the run's own evaluate metrics, and a comparison against the older run
+    metrics = json.loads((runs_root / ex.run.run_id / "evaluate" / "metrics.json").read_text())
+    flat = explore.flatten_metrics(metrics)
+    table = ex.metrics_table().set_index("metric")
+    some = next(k for k, v in flat.items() if isinstance(v, float))
+    assert table.loc[some, ex.run.run_id] == pytest.approx(flat[some])
+    assert some in ex.metrics_view.value
+    shared = set(ex.compare_table.dropna()["product_id"])
+    assert ex.compare_summary["overlap"] == pytest.approx(len(shared) / 6)
+    assert ex.compare_table["product_id"].nunique() == len(ex.compare_table)
+
+
+@pytest.mark.slow
+def test_controls_filter_and_resize_the_grid(explorer: explore.Explorer):
+    ex = explorer
+    ex.k.value = 3
+    assert len(ex.results) == 3 and len(ex.grid.children) == 3
+    ex.k.value = ex.k.max  # 50 > the 31 other products
+    ex.in_stock.value = False
+    everything = ex.results
+    assert len(everything) == N_PRODUCTS * VARIANTS - 1  # all other products, nothing filtered
+    out_of_stock = set(everything.loc[~everything["in_stock"].astype(bool), "product_id"])
+    assert out_of_stock, "the demo catalog has out-of-stock products"
+    ex.in_stock.value = True
+    assert not set(ex.results["product_id"]) & out_of_stock
+    assert len(ex.results) == len(everything) - len(out_of_stock)
+    category = ex.run.categories[1]
+    ex.category.value = category
+    assert len(ex.results) >= 1 and set(ex.results["category"]) == {category}
+    assert all(category in c for c in _captions(ex))
+    ex.search_k.value = 5  # tiny search_k: the engine's exact fallback still fills the filtered list
+    assert set(ex.results["category"]) == {category} and ex.last_error is None
+
+
+@pytest.mark.slow
+def test_click_product_box_and_random_set_the_query(explorer: explore.Explorer, runs_root: Path):
+    ex = explorer
+    target = ex.results["product_id"].iloc[2]
+    ex.result_buttons[2].click()
+    assert ex.query == Query.product(target) and ex.product.value == target
+    assert target not in set(ex.results["product_id"])
+    other = next(p for p in ex.run.product_ids if p != target)
+    ex.product.value = other
+    assert ex.query.product_id == other and other not in set(ex.results["product_id"])
+    # random is seeded: a second explorer with the same seed draws the same products
+    ex.random_button.click()
+    twin = explore.Explorer(ExploreConfig(runs_root=str(runs_root), k=6, device="cpu"))
+    twin.random_button.click()
+    assert ex.query.product_id == twin.query.product_id in set(ex.run.product_ids)
+
+
+@pytest.mark.slow
+def test_show_boxes_draws_the_matched_crop(explorer: explore.Explorer):
+    ex = explorer
+    ex.show_boxes.value = False
+    plain = [c.children[0].value for c in ex.grid.children]
+    ex.show_boxes.value = True
+    boxed = [c.children[0].value for c in ex.grid.children]
+    drawn = [a != b for a, b in zip(plain, boxed)]
+    has_box = ~ex.results[list(explore.BOX_COLUMNS)].isna().any(axis=1)
+    assert drawn == has_box.tolist() and any(drawn)
+
+
+@pytest.mark.slow
+def test_uploaded_catalog_photo_finds_itself_with_the_runs_own_models(explorer: explore.Explorer):
+    ex = explorer
+    pid = ex.run.product_ids[3]
+    _upload(ex, Path(ex.run.image_path(pid)).read_bytes(), "shot.jpg")
+    assert ex.last_error is None, ex.last_error
+    assert ex.query.kind == "image" and ex.query.name == "shot.jpg"
+    assert ex.results["product_id"].iloc[0] == pid
+    assert ex.results["score"].iloc[0] > 0.99  # detect + crop + embed reproduce the indexed vector
+    assert ex.query_boxes and "shot.jpg" in ex.query_view.value
+    # the comparison embeds the same upload with the older run's own (PCA) embedder
+    assert ex.compare_table is not None and ex.compare_table["rank_b"].notna().any()
+    _upload(ex, b"not an image at all", "notes.txt")
+    assert "BadImageError" in ex.last_error and "not a recognised image format" in ex.status.value
+    assert ex.query.name == "shot.jpg"  # the previous query stays
+
+
+@pytest.mark.slow
+def test_switching_runs_and_turning_the_comparison_off(explorer: explore.Explorer):
+    ex = explorer
+    ex.compare_select.value = ""
+    assert ex.compare_run is None and ex.compare_table is None and "pick a second run" in ex.compare_view.value
+    query = ex.query
+    ex.run_select.value = "20260101-000000-old0"
+    assert ex.run.run_id == "20260101-000000-old0" and ex.query == query and ex.last_error is None
+    assert len(ex.results) == 6 and ex.run.index.dim == 16  # the old run's PCA-16 vectors answered
+
+
+@pytest.mark.slow
+def test_export_button_writes_the_grid_into_the_run_folder(explorer: explore.Explorer, runs_root: Path):
+    ex = explorer
+    ex.export_button.click()
+    assert ex.last_error is None
+    paths = ex.last_export
+    assert paths.png.parent == runs_root / ex.run.run_id / "explore"
+    with Image.open(paths.png) as png:
+        assert png.format == "PNG"
+    page = paths.html.read_text()
+    assert page.count('class="hit"') == len(ex.results)
+    for pid in ex.results["product_id"]:
+        assert f'data-product-id="{pid}"' in page
+    assert str(paths.png) in ex.status.value
+
+
+@pytest.mark.slow
+def test_notebook_renders_headless_with_its_defaults(runs_root: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("NITERU_RUNS", str(runs_root))  # the default runs_root='' reads it
+    out = tmp_path / "explore.out.ipynb"
+    papermill.execute_notebook(str(NOTEBOOK), str(out), kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) == 1
+    with Image.open(io.BytesIO(base64.b64decode(pngs[0]))) as fig:
+        assert fig.width >= 6 * 150  # one query + 12 results, 6 per row
+    tables = [o["data"]["text/html"] for o in outputs if "<table" in o.get("data", {}).get("text/html", "")]
+    body = tables[0].split("<tbody>")[1]
+    shown = re.findall(r"<td>([A-Z]\d{5}-v\d)</td>", body)
+    assert len(shown) == 12  # k=12 results of the latest run
+    latest = pd.read_parquet(runs_root / "20260102-000000-new0" / "index" / "idmap.parquet")
+    assert set(shown) <= set(latest["product_id"])

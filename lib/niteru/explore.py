@@ -210,7 +210,7 @@ class RunView:
     boxes: pd.DataFrame  # detect/boxes.parquet (may be empty)
     metrics: dict[str, Any]
     info: runs.RunInfo | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # 'auto' is resolved when the models load (product queries never import torch)
     _detector: Any = field(default=None, repr=False)
     _embedder: Any = field(default=None, repr=False)
     query_cache: dict[tuple[str, int], tuple[Any, Any, Any]] = field(default_factory=dict, repr=False)
@@ -250,15 +250,17 @@ class RunView:
     def detector(self) -> Any:
         if self._detector is None:
             from niteru.detect import load_detector
+            from niteru.device import resolve_device
 
-            self._detector = load_detector(self.path / "detect" / "detector.json", device=self.device)
+            self._detector = load_detector(self.path / "detect" / "detector.json", device=resolve_device(self.device))
         return self._detector
 
     def embedder(self) -> Any:
         if self._embedder is None:
+            from niteru.device import resolve_device
             from niteru.embed import load_embedder
 
-            self._embedder = load_embedder(self.path / "embed" / "model.json", device=self.device)
+            self._embedder = load_embedder(self.path / "embed" / "model.json", device=resolve_device(self.device))
         return self._embedder
 
     def detect_params(self) -> dict[str, Any]:
@@ -627,7 +629,7 @@ class Explorer:
         self._w = w
         self._rng = random.Random(self.cfg.seed)
         self._busy = 0
-        self.device = self.cfg.resolved_device()
+        self.device = self.cfg.device  # resolved (torch imported) only when an image query needs the models
         run_path = resolve_config_run(self.cfg)
         self.runs_root = run_path.parent
         self.run: RunView = load_run(run_path, self.device)
@@ -733,7 +735,7 @@ class Explorer:
         files = change["new"]
         if files:
             item = files[0]
-            self._guard(self.query_image, bytes(item["content"]), str(item.get("name") or "upload"))
+            self._guard(self.query_by_image, bytes(item["content"]), str(item.get("name") or "upload"))
 
     # ------------------------------------------------------------------ actions (also the programmatic API)
     def params(self) -> SearchParams:
@@ -752,7 +754,8 @@ class Explorer:
     def query_random(self) -> None:
         self.set_query(Query.product(random_product(self.run, self._rng, self.params().category)))
 
-    def query_image(self, data: bytes, name: str = "upload") -> None:
+    def query_by_image(self, data: bytes, name: str = "upload") -> None:
+        """Query with an image file's bytes (what the FileUpload widget delivers)."""
         self.set_query(Query.from_bytes(data, name=name))
 
     def open_run(self, run_id: str) -> None:
@@ -790,7 +793,8 @@ class Explorer:
             raise ConfigError("nothing to export yet: pick a query first")
         self.last_export = export_grid(
             self.run.path, self.results, self.title(), self.query_image(), self.query_boxes,
-            bool(self.show_boxes.value), self.cfg.columns, self.cfg.thumb_px, self.run.metrics, name=self.query.name,
+            bool(self.show_boxes.value), self.cfg.columns, self.cfg.thumb_px, self.run.metrics,
+            name=Path(self.query.name).stem if self.query.kind == "image" else self.query.name,
         )
         self.status.value = (f"exported <code>{html.escape(str(self.last_export.png))}</code> and "
                              f"<code>{html.escape(str(self.last_export.html))}</code>")
@@ -800,6 +804,12 @@ class Explorer:
         """The current grid as a static matplotlib figure (what the notebook keeps in its outputs)."""
         return grid_figure(self.results, self.title(), self.query_image(), bool(self.show_boxes.value),
                            self.query_boxes, self.cfg.columns, self.cfg.thumb_px)
+
+    def png(self) -> bytes:
+        """The static figure as PNG bytes (``IPython.display.Image(explorer.png())`` keeps it in a notebook)."""
+        buf = io.BytesIO()
+        self.figure().savefig(buf, format="png")
+        return buf.getvalue()
 
     def title(self) -> str:
         p = self.params()
