@@ -48,8 +48,9 @@ def test_metrics_on_tiny_clustered_data(tmp_path: Path) -> None:
     assert m["instance_recall@5"] >= 0.95  # the other photo of the same product is found
     assert {r["category"] for r in m["per_category"]} == {"cat0", "cat1", "cat2", "cat3"}
     assert sum(r["n_products"] for r in m["per_category"]) == 62
-    assert len(m["sweep"]) == 2 * 3
+    assert len(m["sweep"]) == 2 * 3  # n_trees [2, 10] (10 = the built index) x 3 search_k values
     assert m["chosen"]["recall@10"] >= 0.95
+    assert m["recommended_search_k"] == 5  # the cheapest search_k of the built forest that reaches 0.95
     assert m["latency"]["p50_ms"] > 0 and m["latency"]["qps"] > 0
     assert m["drift"] == {"previous_run": None}
     out = run / "evaluate"
@@ -182,6 +183,8 @@ def test_metric_helpers() -> None:
         {"n_trees": 50, "search_k": 500, "effective_search_k": 500, "recall@10": 0.99, "p50_ms": 0.08},
     ])
     assert nevaluate.choose_setting(table, 0.95)["search_k"] == 100
+    assert nevaluate.choose_setting(table, 0.9)["search_k"] == 100
+    assert nevaluate.choose_setting(table, 0.5)["search_k"] == 10
     assert nevaluate.choose_setting(table, 0.999)["n_trees"] == 50
     assert nevaluate.stable_sample(["b", "a", "c"], 2) == nevaluate.stable_sample(["c", "a", "b"], 2)
 
@@ -202,3 +205,4 @@ def test_index_and_evaluate_notebooks_run_with_papermill(tmp_path: Path) -> None
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert metrics["passed"] and metrics["recall@10"] == pytest.approx(1.0)
     assert sorted({r["n_trees"] for r in metrics["sweep"]}) == [2, 5]
+    assert metrics["chosen"]["recall@10"] >= 0.95
