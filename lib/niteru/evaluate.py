@@ -309,8 +309,9 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     bad_index = invalid_rows(loaded.vectors())
     n_invalid = int(bad_embed.sum() + bad_index.sum())
     bad_ids = expected.loc[bad_embed, "product_id"].head(3).tolist()
+    examples = f" (e.g. {bad_ids})" if bad_ids else ""
     checks.append(Check("vectors_valid", n_invalid <= cfg.max_invalid_vectors, n_invalid, cfg.max_invalid_vectors,
-                        "<=", f"NaN/inf/zero vectors: {int(bad_embed.sum())} in embed (e.g. {bad_ids}), "
+                        "<=", f"NaN/inf/zero vectors: {int(bad_embed.sum())} in embed{examples}, "
                         f"{int(bad_index.sum())} in the index"))
     rows = idmap["embed_row"].to_numpy()
     vectors, _ = nindex.normalize_rows(embed_vectors[rows])  # truth from embed, aligned to ann ids
@@ -324,8 +325,9 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     self_ids = np.arange(n) if n <= cfg.max_self_check else np.sort(rng.choice(n, cfg.max_self_check, replace=False))
     rate, misses = self_first(loaded.annoy, vectors, self_ids, search_k)
     miss_pids = [str(idmap["product_id"].iat[i]) for i in misses[:3]]
+    examples = f" (e.g. {miss_pids})" if miss_pids else ""
     checks.append(Check("self_first", rate >= cfg.min_self_first_rate, round(rate, 6), cfg.min_self_first_rate, ">=",
-                        f"{len(misses)} of {len(self_ids)} item(s) do not find themselves first (e.g. {miss_pids})"))
+                        f"{len(misses)} of {len(self_ids)} item(s) do not find themselves first{examples}"))
     metrics["self_first_rate"] = rate
 
     # ---- recall vs exact and latency at the shipped setting
@@ -533,8 +535,8 @@ def _checks_frame(checks: list[Check]) -> "pd.DataFrame":
     import pandas as pd
 
     return pd.DataFrame([{"check": c.name, "status": "skipped" if c.skipped else ("PASS" if c.passed else "FAIL"),
-                          "value": c.value, "rule": f"{c.op} {_fmt(c.threshold)}", "detail": c.detail}
-                         for c in checks])
+                          "value": _fmt(c.value), "rule": f"{c.op} {_fmt(c.threshold)}", "detail": c.detail}
+                         for c in checks], dtype=object)
 
 
 def _summary_frame(metrics: dict[str, Any], k: int) -> "pd.DataFrame":
