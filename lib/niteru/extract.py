@@ -116,8 +116,11 @@ def run(cfg: ExtractConfig) -> ExtractResult:
         todo = np.ones(len(snapshot), dtype=bool)
 
     t0 = time.perf_counter()
-    catalog, failures, fetched, cached = attach_fetch_results(
-        snapshot, todo, ImageCache(cfg.cache_path / "images"), cfg.fetch_options())
+    cache = ImageCache(cfg.cache_path / "images")
+    try:
+        catalog, failures, fetched, cached = attach_fetch_results(snapshot, todo, cache, cfg.fetch_options())
+    finally:
+        cache.close()
     fetch_s = time.perf_counter() - t0
     diff = compute_diff(catalog, previous)
 

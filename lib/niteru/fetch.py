@@ -6,10 +6,10 @@
 * A bounded pool (``concurrency``) with a per-host limit, a time limit per attempt, and retries with
   exponential backoff and full jitter (tenacity) for transient failures (timeouts, connection errors,
   HTTP 429/5xx). 404s, oversized downloads and undecodable images are not retried.
-* A content-addressed cache: bytes live at ``<cache>/<sha[:2]>/<sha256>``; a small record per
-  ``(uri, version)`` under ``<cache>/uris/`` remembers which content a URI had, so an image already
+* A content-addressed cache: bytes live at ``<cache>/<sha[:2]>/<sha256>``; a record per
+  ``(uri, version)`` in ``<cache>/uris.sqlite`` remembers which content a URI had, so an image already
   fetched is never fetched again (the version is the catalog row's ``updated_at``, plus mtime and size
-  for local files, so an edited image *is* fetched again).
+  for local files, so an edited image *is* fetched again). The record index is a SQLite file.
 * Every image is decoded with :func:`niteru.images.load_rgb` (EXIF orientation, any mode to RGB, pixel
   cap); anything bad becomes a per-item failure with a reason, never an exception.
 """
@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
+import contextlib
+import functools
 import logging
 import os
+import sqlite3
+import ssl
+import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +34,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from niteru.errors import BadImageError, ConfigError
 from niteru.images import DEFAULT_MAX_PIXELS, load_rgb
-from niteru.io import sha256_bytes, write_bytes_atomic, write_json_atomic
+from niteru.io import sha256_bytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,38 +104,85 @@ class FetchError(Exception):
 
 # ------------------------------------------------------------------------------------------- cache
 class ImageCache:
-    """Content-addressed image bytes plus a record of what each (uri, version) resolved to."""
+    """Content-addressed image bytes plus an index of what each (uri, version) resolved to.
+
+    Bytes live at ``<root>/<sha[:2]>/<sha256>`` (written atomically). The URI index is a SQLite table in
+    ``<root>/uris.sqlite`` (WAL mode, safe across threads and processes); records are written after their
+    bytes and committed in batches, so a record never points at missing bytes.
+    """
+
+    INDEX_FILE = "uris.sqlite"
+    BATCH = 256
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Any, ...]] = []
 
     def blob_path(self, sha: str) -> Path:
         return self.root / sha[:2] / sha
 
-    def record_path(self, uri: str, version: str | None) -> Path:
-        key = sha256_bytes(f"{uri}\0{version or ''}".encode())
-        return self.root / "uris" / key[:2] / f"{key}.json"
+    @staticmethod
+    def record_key(uri: str, version: str | None) -> str:
+        return sha256_bytes(f"{uri}\0{version or ''}".encode())
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.root / self.INDEX_FILE, timeout=60, check_same_thread=False,
+                                 isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS uris (key TEXT PRIMARY KEY, uri TEXT NOT NULL, version TEXT, "
+                       "sha256 TEXT NOT NULL, width INTEGER, height INTEGER, bytes INTEGER, fetched_at REAL)")
+            self._db = db
+        return self._db
 
     def lookup(self, uri: str, version: str | None) -> dict[str, Any] | None:
         """The cached record for this URI and version, if its bytes are still in the cache."""
-        path = self.record_path(uri, version)
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        with self._lock:
+            row = self._conn().execute("SELECT sha256, width, height FROM uris WHERE key = ?",
+                                       (self.record_key(uri, version),)).fetchone()
+        if row is None or not self.blob_path(row[0]).is_file():
             return None
-        if not self.blob_path(record.get("sha256", "")).is_file():
-            return None
-        return record
+        return {"sha256": row[0], "width": row[1], "height": row[2]}
 
     def store(self, uri: str, version: str | None, data: bytes, width: int, height: int) -> tuple[str, Path]:
+        """Store the bytes (atomically, once per content) and queue the URI record."""
         sha = sha256_bytes(data)
         blob = self.blob_path(sha)
         if not blob.is_file():
             write_bytes_atomic(blob, data)
-        write_json_atomic(self.record_path(uri, version),
-                          {"uri": uri, "version": version, "sha256": sha, "width": width, "height": height,
-                           "bytes": len(data), "fetched_at": time.time()})
+        with self._lock:
+            self._pending.append((self.record_key(uri, version), uri, version, sha, width, height, len(data),
+                                  time.time()))
+            if len(self._pending) >= self.BATCH:
+                self._flush_locked()
         return sha, blob
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._pending:
+            return
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO uris VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._pending)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._pending.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._flush_locked()
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -200,68 +251,130 @@ def fetch_images(uris: Sequence[str], cache: ImageCache | str | os.PathLike[str]
     version is served from the cache. Duplicate (uri, version) pairs are fetched once.
     """
     options = options or FetchOptions()
-    cache = cache if isinstance(cache, ImageCache) else ImageCache(cache)
+    owned = not isinstance(cache, ImageCache)
+    cache = ImageCache(cache) if owned else cache
     if versions is not None and len(versions) != len(uris):
         raise ValueError(f"versions has {len(versions)} entries for {len(uris)} uris")
     keys = [(u, versions[i] if versions is not None else None) for i, u in enumerate(uris)]
     unique = list(dict.fromkeys(keys))
     if not unique:
         return []
-    results = run_sync(_fetch_all(unique, cache, options))
+    try:
+        results = run_sync(_fetch_all(unique, cache, options))
+    finally:
+        if owned:
+            cache.close()
     by_key = dict(zip(unique, results))
     return [by_key[k] for k in keys]
 
 
+class ClientPool:
+    """HTTP clients sharded into small connection pools, handed out as tokens.
+
+    httpcore scans every pooled connection on each request, so one pool of 64 connections costs more CPU
+    per request than eight pools of eight. Each client holds as many tokens as it has connections, so a
+    request that got a token never waits inside the pool.
+    """
+
+    CONNECTIONS_PER_CLIENT = 2
+
+    def __init__(self, concurrency: int, timeout_s: float):
+        import httpx
+
+        per = min(self.CONNECTIONS_PER_CLIENT, concurrency)
+        n = -(-concurrency // per)
+        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+        ssl_context = _ssl_context()  # building one per client costs ~0.2 s each
+        self.clients = [httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s), follow_redirects=True,
+                                          headers={"User-Agent": USER_AGENT}, verify=ssl_context)
+                        for _ in range(n)]
+        self.tokens: asyncio.Queue[Any] = asyncio.Queue()
+        for _ in range(per):
+            for client in self.clients:
+                self.tokens.put_nowait(client)
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[Any]:
+        client = await self.tokens.get()
+        try:
+            yield client
+        finally:
+            self.tokens.put_nowait(client)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """One certificate-verifying TLS context (certifi's CA bundle, as httpx uses by default)."""
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 async def _fetch_all(keys: list[tuple[str, str | None]], cache: ImageCache,
                      options: FetchOptions) -> list[FetchResult]:
-    import httpx
     from tqdm.auto import tqdm
 
+    loop = asyncio.get_running_loop()
     workers = options.decode_workers or min(4, os.cpu_count() or 1)
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="niteru-decode")
-    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
-    timeout = httpx.Timeout(options.timeout_s)
-    gate = asyncio.Semaphore(options.concurrency)
-    host_gates: dict[str, asyncio.Semaphore] = {}
-    needs_gcs_auth = any(uri_scheme(u) == "gs" for u, _ in keys) and not os.environ.get("STORAGE_EMULATOR_HOST")
-    gcs_headers = await asyncio.to_thread(_gcs_auth_headers) if needs_gcs_auth else {}
     quiet = {} if options.progress else {"disable": True}  # leave TQDM_DISABLE in charge otherwise
     bar = tqdm(total=len(keys), desc="fetch images", unit="img", mininterval=0.5, **quiet)
+    try:
+        # one pass over the cache first: a fully cached catalog costs no network and no scheduling
+        found = await loop.run_in_executor(pool, lambda: [_lookup(cache, u, v) for u, v in keys])
+        results: list[FetchResult | None] = [None] * len(keys)
+        todo = []
+        for i, ((uri, _), (key_version, record)) in enumerate(zip(keys, found)):
+            if record is None:
+                todo.append((i, uri, key_version))
+            else:
+                results[i] = FetchResult(uri, STATUS_OK, record["sha256"],
+                                         str(cache.blob_path(record["sha256"]).resolve()), record["width"],
+                                         record["height"], cached=True)
+        bar.update(len(keys) - len(todo))
+        if todo:
+            for i, result in zip((t[0] for t in todo), await _fetch_missing(todo, cache, options, pool, bar)):
+                results[i] = result
+        return [r for r in results if r is not None]
+    finally:
+        bar.close()
+        await loop.run_in_executor(pool, cache.flush)
+        pool.shutdown(wait=True)
+
+
+async def _fetch_missing(todo: list[tuple[int, str, str | None]], cache: ImageCache, options: FetchOptions,
+                         pool: concurrent.futures.Executor, bar: Any) -> list[FetchResult]:
+    gate = asyncio.Semaphore(options.concurrency)
+    host_gates: dict[str, asyncio.Semaphore] = {}
+    needs_gcs_auth = any(uri_scheme(u) == "gs" for _, u, _ in todo) and not os.environ.get("STORAGE_EMULATOR_HOST")
+    gcs_headers = await asyncio.to_thread(_gcs_auth_headers) if needs_gcs_auth else {}
+    clients = ClientPool(options.concurrency, options.timeout_s)
     failed = 0
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, follow_redirects=True,
-                                 headers={"User-Agent": USER_AGENT}) as client:
+    async def one(uri: str, key_version: str | None) -> FetchResult:
+        nonlocal failed
+        host = host_of(uri)
+        host_gate = host_gates.setdefault(host, asyncio.Semaphore(
+            options.concurrency if host == LOCAL_HOST else options.per_host))
+        async with host_gate, gate:  # host first: a busy host must not hold the global slots
+            result = await _fetch_one(uri, key_version, clients, cache, options, pool, gcs_headers)
+        failed += not result.ok
+        bar.update(1)
+        if failed:
+            bar.set_postfix(failed=failed, refresh=False)
+        return result
 
-        async def one(uri: str, version: str | None) -> FetchResult:
-            nonlocal failed
-            host = host_of(uri)
-            host_gate = host_gates.setdefault(host, asyncio.Semaphore(
-                options.concurrency if host == LOCAL_HOST else options.per_host))
-            t0 = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            key_version = await loop.run_in_executor(pool, cache_version, uri, version)
-            record = await loop.run_in_executor(pool, cache.lookup, uri, key_version)
-            if record is not None:
-                result = FetchResult(uri, STATUS_OK, record["sha256"],
-                                     str(cache.blob_path(record["sha256"]).resolve()), record["width"],
-                                     record["height"], cached=True, seconds=time.perf_counter() - t0)
-            else:
-                async with host_gate, gate:  # host first: a busy host must not hold the global slots
-                    result = await _fetch_one(uri, key_version, client, cache, options, pool, gcs_headers)
-            failed += not result.ok
-            bar.update(1)
-            if failed:
-                bar.set_postfix(failed=failed, refresh=False)
-            return result
-
-        try:
-            return list(await asyncio.gather(*(one(u, v) for u, v in keys)))
-        finally:
-            bar.close()
-            pool.shutdown(wait=True)
+    try:
+        return list(await asyncio.gather(*(one(uri, kv) for _, uri, kv in todo)))
+    finally:
+        await clients.aclose()
 
 
-async def _fetch_one(uri: str, key_version: str | None, client: Any, cache: ImageCache, options: FetchOptions,
+async def _fetch_one(uri: str, key_version: str | None, clients: ClientPool, cache: ImageCache, options: FetchOptions,
                      pool: concurrent.futures.Executor, gcs_headers: dict[str, str]) -> FetchResult:
     """Fetch (with retries), validate and cache one URI; failures become a failed result."""
     from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -279,9 +392,9 @@ async def _fetch_one(uri: str, key_version: str | None, client: Any, cache: Imag
         async for attempt in retrying:
             with attempt:
                 attempts += 1
-                data = await _read_once(uri, client, options, gcs_headers)
-        width, height = await loop.run_in_executor(pool, _validate, data, uri, options.max_pixels)
-        sha, blob = await loop.run_in_executor(pool, cache.store, uri, key_version, data, width, height)
+                data = await _read_once(uri, clients, options, gcs_headers)
+        sha, blob, width, height = await loop.run_in_executor(pool, _validate_and_store, cache, uri, key_version,
+                                                              data, options.max_pixels)
     except FetchError as exc:
         return FetchResult(uri, STATUS_FAILED, error=str(exc), error_kind=exc.kind, attempts=attempts,
                            seconds=time.perf_counter() - t0)
@@ -293,15 +406,23 @@ async def _fetch_one(uri: str, key_version: str | None, client: Any, cache: Imag
                        seconds=time.perf_counter() - t0)
 
 
-def _validate(data: bytes, uri: str, max_pixels: int) -> tuple[int, int]:
+def _lookup(cache: ImageCache, uri: str, version: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    key_version = cache_version(uri, version)
+    return key_version, cache.lookup(uri, key_version)
+
+
+def _validate_and_store(cache: ImageCache, uri: str, key_version: str | None, data: bytes,
+                        max_pixels: int) -> tuple[str, Path, int, int]:
+    """Decode fully (the cache only ever holds usable images), then store bytes and the URI record."""
     try:
-        img = load_rgb(data, max_pixels=max_pixels)
+        width, height = load_rgb(data, max_pixels=max_pixels).size
     except BadImageError as exc:
         raise FetchError("bad_image", str(exc).replace("<bytes>", uri)) from None
-    return img.size
+    sha, blob = cache.store(uri, key_version, data, width, height)
+    return sha, blob, width, height
 
 
-async def _read_once(uri: str, client: Any, options: FetchOptions, gcs_headers: dict[str, str]) -> bytes:
+async def _read_once(uri: str, clients: ClientPool, options: FetchOptions, gcs_headers: dict[str, str]) -> bytes:
     """One attempt at reading the bytes of ``uri`` within ``options.timeout_s``."""
     scheme = uri_scheme(uri)
     try:
@@ -309,9 +430,9 @@ async def _read_once(uri: str, client: Any, options: FetchOptions, gcs_headers: 
             if scheme == "file":
                 return await asyncio.to_thread(_read_local, uri, options.max_bytes)
             if scheme in ("http", "https"):
-                return await _read_http(client, uri, uri, options.max_bytes, {})
+                return await _read_http(clients, uri, uri, options.max_bytes, {})
             if scheme == "gs":
-                return await _read_http(client, gcs_media_url(uri), uri, options.max_bytes, gcs_headers)
+                return await _read_http(clients, gcs_media_url(uri), uri, options.max_bytes, gcs_headers)
             return await asyncio.to_thread(_read_fsspec, uri, options.max_bytes)
     except TimeoutError:
         raise FetchError("timeout", f"{uri}: no complete response within {options.timeout_s:g} s", True) from None
@@ -332,11 +453,11 @@ def _read_local(uri: str, max_bytes: int) -> bytes:
         raise FetchError("forbidden", f"{path} is not readable (permission denied)") from None
 
 
-async def _read_http(client: Any, url: str, uri: str, max_bytes: int, headers: dict[str, str]) -> bytes:
+async def _read_http(clients: ClientPool, url: str, uri: str, max_bytes: int, headers: dict[str, str]) -> bytes:
     import httpx
 
     try:
-        async with client.stream("GET", url, headers=headers) as response:
+        async with clients.client() as client, client.stream("GET", url, headers=headers) as response:
             if response.status_code != 200:
                 code = response.status_code
                 kind = "not_found" if code in (404, 410) else f"http_{code}"
