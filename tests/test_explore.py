@@ -100,17 +100,23 @@ N_PRODUCTS, VARIANTS = 16, 2
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two real runs of the chain over the same tiny demo catalog (16 products x 2 photos, 2 of them out of stock): an older one
-    with a 16-d PCA projection (stops after index) and the latest one, full chain up to evaluate, raw features.
+    """Two real chain runs over one tiny demo catalog (16 products x 2 photos, 2 of them out of stock): an older
+    one with a 16-d PCA projection that stops after index, and the latest one up to evaluate with raw features.
     Both index out-of-stock products too, so the in-stock control has something to filter."""
     from niteru.chain import ChainRunner, raise_for_result
 
     root = tmp_path_factory.mktemp("explore-runs")
     runner = ChainRunner(runs_root=root)
     common = {"seed": 0, "device": "cpu"}
-    stages = {"extract": {"source": f"demo:n={N_PRODUCTS},v={VARIANTS}"}, "index": {"in_stock_only": False, "n_trees": 8}}
-    raise_for_result(runner.run(common, {**stages, "embed": {"pca_dim": 16}}, run_id="20260101-000000-old0",
-                                until="index"))
+    stages = {  # the smallest settings that still exercise every stage
+        "extract": {"source": f"demo:n={N_PRODUCTS},v={VARIANTS}"},
+        "detect": {"audit_n": 0},
+        "embed": {"num_workers": 0},
+        "index": {"in_stock_only": False, "n_trees": 8},
+        "evaluate": {"compare_run": "none", "sweep_n_trees": [8], "sweep_search_k": [-1]},
+    }
+    old_stages = {**{k: v for k, v in stages.items() if k != "evaluate"}, "embed": {"num_workers": 0, "pca_dim": 16}}
+    raise_for_result(runner.run(common, old_stages, run_id="20260101-000000-old0", until="index"))
     raise_for_result(runner.run(common, stages, run_id="20260102-000000-new0", until="evaluate"))
     return root
 
