@@ -43,6 +43,8 @@ from niteru.io import read_json, sha256_file, write_json_atomic, write_parquet_a
 from niteru.runs import git_info, package_versions, write_stage_summary
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from niteru.index import LoadedIndex
 
 log = logging.getLogger(__name__)
@@ -230,12 +232,17 @@ def build_bento(bento_dir: Path, model_tag: str, labels: dict[str, str] | None =
     """``bentoml build`` the service folder against ``model_tag``; return the bento tag."""
     if shutil.which("uv", path=bentoml_env()["PATH"]) is None:
         raise ConfigError("`uv` is not on PATH: bentoml build needs it for offline builds; pip install uv")
-    cmd = [str(Path(sys.executable).parent / "bentoml"), "build", str(bento_dir), "--output", "tag"]
+    bento_dir = Path(bento_dir).resolve()
+    if not (bento_dir / "bentofile.yaml").is_file():
+        raise ConfigError(f"{bento_dir} has no bentofile.yaml: point bento_dir at the service folder")
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "build", ".", "--output", "tag"]
     if not Path(cmd[0]).exists():
         cmd[:1] = [sys.executable, "-m", "bentoml"]
     for key, value in (labels or {}).items():
         cmd += ["--label", f"{key}={value}"]
-    proc = subprocess.run(cmd, env=bentoml_env(model_tag), capture_output=True, text=True, timeout=timeout_s)
+    # bentoml only reads files below the working directory: build from inside the service folder
+    proc = subprocess.run(cmd, env=bentoml_env(model_tag), cwd=bento_dir, capture_output=True, text=True,
+                          timeout=timeout_s)
     match = re.search(r"__tag__:(\S+)", proc.stdout)
     if proc.returncode != 0 or not match:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
@@ -266,6 +273,17 @@ def run(cfg: PackageConfig) -> PackageResult:
                         counts={"n_items": manifest["n_items"], "n_files": len(manifest["files"])},
                         model_tag=model_tag, bento_tag=bento_tag, total_seconds=round(time.perf_counter() - t0, 3))
     return PackageResult(out, model_tag, bento_tag, manifest)
+
+
+def bundle_files(model_tag: str) -> "pd.DataFrame":
+    """The files of a packaged model with their size (MiB) and sha256 (for notebooks and audits)."""
+    import pandas as pd
+
+    folder = Path(_model_path(model_tag))
+    manifest = read_json(folder / MANIFEST_FILE)
+    rows = [{"file": name, "MiB": round((folder / name).stat().st_size / 2**20, 4), "sha256": digest}
+            for name, digest in manifest["files"].items()]
+    return pd.DataFrame(rows)
 
 
 def _model_path(tag: str) -> str:
@@ -325,3 +343,62 @@ def load_bundle(model_dir: str | os.PathLike[str], device: str = "cpu", verify: 
 def describe(result: PackageResult) -> str:
     return json.dumps({"model_tag": result.model_tag, "bento_tag": result.bento_tag,
                        "n_items": result.manifest["n_items"], "model_id": result.manifest["model_id"]}, indent=2)
+
+
+# ------------------------------------------------------------------------------------------- serve
+def free_port() -> int:
+    """A currently free loopback TCP port."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(target: str, port: int, env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                 log_path: str | os.PathLike[str] | None = None) -> subprocess.Popen:
+    """``bentoml serve <target>`` on 127.0.0.1:``port`` (target: a bento tag or a service folder).
+
+    The server gets its own process group so :func:`stop_server` can stop its workers too.
+    """
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(cmd, env={**bentoml_env(), **(env or {})}, cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log_path:
+            out.close()
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 180.0) -> float:
+    """Poll ``<url>/readyz`` until it answers 200; return the seconds waited."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if proc is not None and proc.poll() is not None:
+            raise StageError(f"bentoml serve exited with code {proc.returncode} before becoming ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise StageError(f"{url} was not ready after {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """Graceful stop (SIGTERM to the server's process group: in-flight requests finish), then SIGKILL."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+    return int(proc.returncode if proc.returncode is not None else -1)
