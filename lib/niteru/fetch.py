@@ -271,9 +271,10 @@ def fetch_images(uris: Sequence[str], cache: ImageCache | str | os.PathLike[str]
 class ClientPool:
     """HTTP clients sharded into small connection pools, handed out as tokens.
 
-    httpcore scans every pooled connection on each request, so one pool of 64 connections costs more CPU
-    per request than eight pools of eight. Each client holds as many tokens as it has connections, so a
-    request that got a token never waits inside the pool.
+    httpcore scans every pooled connection (a syscall or two each) on every request, so one pool of 64
+    connections costs several times the CPU per request of 32 pools of two (measured with
+    benchmarks/bench_fetch.py). Each client holds as many tokens as it has connections, so a request that
+    got a token never waits inside the pool.
     """
 
     CONNECTIONS_PER_CLIENT = 2
