@@ -277,3 +277,16 @@ def test_notebook_renders_headless_with_its_defaults(runs_root: Path, tmp_path: 
     assert len(shown) == 12  # k=12 results of the latest run
     latest = pd.read_parquet(runs_root / "20260102-000000-new0" / "index" / "idmap.parquet")
     assert set(shown) <= set(latest["product_id"])
+
+
+@pytest.mark.slow
+def test_a_product_searched_by_its_photo_excludes_itself(explorer: explore.Explorer):
+    """How a product missing from the compared run is searched there: its photo through that run's models."""
+    from niteru.images import load_rgb
+
+    ex = explorer
+    pid = ex.run.product_ids[4]
+    sibling = pid[:-1] + ("1" if pid.endswith("0") else "0")  # the other photo of the same product
+    query = Query("image", product_id=pid, image=load_rgb(ex.run.image_path(pid)), name=pid)
+    table = explore.search(ex.compare_run, query, explore.SearchParams(k=10, in_stock_only=False))
+    assert len(table) == 10 and pid not in set(table["product_id"]) and sibling in set(table["product_id"])

@@ -386,7 +386,7 @@ def search(run: RunView, query: Query, params: SearchParams) -> pd.DataFrame:
 
         image_query = Query.from_image(load_rgb(path), name=query.product_id)
     vec, _ = query_vector(run, image_query)
-    exclude = (query.product_id,) if query.kind == "product" else ()
+    exclude = (query.product_id,) if query.product_id else ()
     return hits_table(run, run.engine.by_vector(vec, params.k, filters, search_k=params.search_k, exclude=exclude))
 
 
@@ -885,10 +885,23 @@ class Explorer:
             self.compare_table, self.compare_summary = None, None
             self.compare_view.value = "<i>pick a second run to compare</i>"
             return
-        other = search(self.compare_run, self.query, self.params())
+        query = self.query
+        if query.kind == "product" and query.product_id not in set(self.compare_run.product_ids):
+            image = self.query_image()  # e.g. a product new today: embed its photo with the other run's models
+            if image is not None:
+                query = Query("image", product_id=query.product_id, image=image, name=query.product_id)
+        params = self.params()
+        if params.category and params.category not in self.compare_run.categories:
+            params = SearchParams(params.k, params.search_k, "", params.in_stock_only)
+        try:
+            other = search(self.compare_run, query, params)
+        except NiteruError as exc:
+            self.compare_table, self.compare_summary = None, None
+            self.compare_view.value = f"<i>run {html.escape(self.compare_run.run_id)}: {html.escape(str(exc))}</i>"
+            return
         self.compare_summary, self.compare_table = compare_results(self.results, other)
         s = self.compare_summary
-        head = (f"<code>{html.escape(self.run.run_id)}</code> (a) vs <code>{html.escape(self.compare_run.run_id)}</code>"
-                f" (b): overlap {s['overlap']:.2f}, jaccard {s['jaccard']:.2f}, mean score "
+        head = (f"a = <code>{html.escape(self.run.run_id)}</code>, b = <code>{html.escape(self.compare_run.run_id)}"
+                f"</code>: overlap {s['overlap']:.2f}, jaccard {s['jaccard']:.2f}, mean score "
                 f"{s['mean_score_a']:.3f} / {s['mean_score_b']:.3f}")
         self.compare_view.value = f"<div>{head}</div>{table_html(self.compare_table)}"
