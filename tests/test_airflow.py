@@ -111,8 +111,10 @@ def test_kubernetes_backend_puts_gpu_shards_in_pods(airflow_home: dict[str, str]
     from niteru.airflow_dag import DagSettings, KubernetesSettings, build_dag
 
     k8s = KubernetesSettings(image="europe-docker.pkg.dev/p/niteru:1", namespace="niteru", gpus=1,
-                             node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"}, volume_claim="niteru-runs")
-    settings = DagSettings(runs_root=tmp_path / "runs", notebooks_dir=REPO / "notebooks", shards={"detect": 2, "embed": 2},
+                             node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"},
+                             volume_claim="niteru-runs")
+    settings = DagSettings(runs_root=tmp_path / "runs", notebooks_dir=REPO / "notebooks",
+                           shards={"detect": 2, "embed": 2},
                            gpu_backend="kubernetes", kubernetes=k8s)
     tasks = {t.task_id: t for t in build_dag(settings).tasks}
     pods = sorted(k for k, t in tasks.items() if isinstance(t, KubernetesPodOperator))
@@ -153,7 +155,7 @@ def test_settings_from_env(tmp_path: Path) -> None:
         DagSettings.from_env({"NITERU_RUNS_ROOT": str(tmp_path), "NITERU_CHAIN_CONFIG": str(cfg)})
 
 
-# ------------------------------------------------------------------------------------ task bodies and `airflow dags test`
+# ------------------------------------------------------------------------ task bodies and `airflow dags test`
 _TOY_STAGES = '''
 from niteru.config import StageConfig
 from niteru.runs import read_stage_summary, write_stage_summary
@@ -175,7 +177,8 @@ def _toy_notebook(path: Path, extra_params: str, body: str) -> None:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('run_dir: str = "runs/dev"  # run folder\nseed: int = 0  # seed\n' + extra_params)
+    params = nbformat.v4.new_code_cell('run_dir: str = "runs/dev"  # run folder\nseed: int = 0  # seed\n'
+                                       + extra_params)
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(body)]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -198,10 +201,12 @@ def test_stage_tasks_fan_out_merge_and_record_a_failed_gate(tmp_path: Path, monk
     _toy_notebook(nbs / "a.ipynb", "", "from niteru.runs import write_stage_summary\n"
                                        "write_stage_summary(run_dir + '/a', counts={'n': 4})")
     _toy_notebook(nbs / "b.ipynb", "shard_index: int = 0  # shard\nnum_shards: int = 1  # shards\n",
-                  "from pathlib import Path\nfrom niteru.shards import shard_dir\nfrom niteru.runs import write_stage_summary\n"
+                  "from pathlib import Path\nfrom niteru.shards import shard_dir\n"
+                  "from niteru.runs import write_stage_summary\n"
                   "write_stage_summary(shard_dir(Path(run_dir) / 'b', shard_index, num_shards), "
                   "counts={'n': 10 ** shard_index})")
-    _toy_notebook(nbs / "c.ipynb", "", "from niteru.errors import GateFailed\nraise GateFailed('recall_at_10', '0.2 < 0.6')")
+    _toy_notebook(nbs / "c.ipynb", "",
+                  "from niteru.errors import GateFailed\nraise GateFailed('recall_at_10', '0.2 < 0.6')")
     chain = (Stage("a", "a.ipynb", "niteru.config:StageConfig"),
              Stage("b", "b.ipynb", "toy_stages:ShardConfig", ("a",), shardable=True, gpu=True),
              Stage("c", "c.ipynb", "niteru.config:StageConfig", ("b",)))
@@ -214,7 +219,7 @@ def test_stage_tasks_fan_out_merge_and_record_a_failed_gate(tmp_path: Path, monk
     run_dir = init_run(settings, "manual__1", when, conf={"stages": {"a": {"seed": 5}}})
     assert init_run(settings, "manual__1", when) == run_dir  # a retried init reuses the run
     run = papermill_executor()
-    execute_stage(run_dir, chain[0], nbs, "", None, run)
+    execute_stage(run_dir, chain[0], nbs, str(tmp_path / "audit"), None, run)  # output notebooks elsewhere (gs://...)
     for i in (2, 0, 1):  # shards finish in any order
         execute_stage(run_dir, chain[1], nbs, "", (i, 3), run)
     merge_stage(run_dir, chain[1])
@@ -241,6 +246,9 @@ def test_stage_tasks_fan_out_merge_and_record_a_failed_gate(tmp_path: Path, monk
                           if "injected-parameters" in cell["metadata"].get("tags", [])))
     assert "shard_index = 2" in source and "num_shards = 3" in source and f'run_dir = "{run_dir}"' in source
     assert (run_dir / "notebooks" / "c.ipynb").exists()  # the failed notebook is kept for the audit
+    audit_nb = tmp_path / "audit" / run_dir.name / "notebooks" / "a.ipynb"
+    assert a["output_notebook"] == str(audit_nb) and audit_nb.exists()
+    assert not (run_dir / "notebooks" / "a.ipynb").exists()
 
 
 @pytest.mark.slow
@@ -296,8 +304,13 @@ def test_dags_test_runs_the_real_chain_sharded(airflow_home: dict[str, str], tmp
     vectors = np.load(run_dir / "embed" / "vectors.npy")
     assert len(items) == len(vectors) == len(boxes)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
-    shard_rows = sum(len(pd.read_parquet(run_dir / "embed" / "shards" / f"{i}-of-2" / "items.parquet")) for i in range(2))
+    shard_rows = sum(len(pd.read_parquet(run_dir / "embed" / "shards" / f"{i}-of-2" / "items.parquet"))
+                     for i in range(2))
     assert shard_rows == len(items)
     index_meta = json.loads((run_dir / "index" / "index.json").read_text())
-    assert index_meta["n_items"] == len(items)
+    idmap = pd.read_parquet(run_dir / "index" / "idmap.parquet")
+    in_stock = set(catalog.loc[catalog["in_stock"], "product_id"])
+    expected_items = items[items["product_id"].isin(in_stock)] if index_meta.get("in_stock_only") else items
+    assert index_meta["n_items"] == len(idmap) == len(expected_items) > 0
+    assert set(idmap["product_id"]) == set(expected_items["product_id"])
     assert (run_dir / "evaluate" / "metrics.json").exists() and (run_dir / "package" / "package.json").exists()

@@ -67,7 +67,8 @@ class KubernetesSettings:
     image: str = ""
     namespace: str = "default"
     gpus: int = 1
-    node_selector: dict[str, str] = field(default_factory=dict)  # e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    #: e.g. {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    node_selector: dict[str, str] = field(default_factory=dict)
     volume_claim: str = ""  # PVC (Filestore / GCS FUSE) mounted at runs_root in the pod
     service_account: str = ""
     cpu: str = "4"
