@@ -79,3 +79,13 @@ def test_feature_model_outputs_pooled_1280d_and_matches_classifier_trunk(model: 
         # non-square / odd inputs work thanks to dynamic SAME padding
         assert features(torch.zeros(2, 3, 193, 251)).shape == (2, FEATURE_DIM)
     assert feats.shape == (1, FEATURE_DIM)
+
+
+def test_fused_batch_norm_gives_the_same_features() -> None:
+    model = efficientnet_lite0("shipped", classifier=False)
+    x = _preprocess(skimage_data.chelsea())
+    with torch.inference_mode():
+        reference = model(x)
+        fused = model.fuse_bn()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x), reference, atol=1e-4, rtol=1e-4)

@@ -213,3 +213,22 @@ def backbone_from_state(name: str, state_dict: dict[str, torch.Tensor], weights:
 
 def list_backbones() -> dict[str, str]:
     return {name: info.description for name, info in REGISTRY.items()}
+
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` optimised for inference: batch norms folded into the convolutions where possible.
+
+    The original keeps its state dict layout (what :meth:`niteru.embed.Embedder.export` saves).
+    """
+    import copy
+
+    clone = copy.deepcopy(module).eval()
+    if hasattr(clone, "fuse_bn"):
+        return clone.fuse_bn()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(clone).eval()
+    except Exception as exc:  # untraceable model: run it unfused
+        log.info("batch-norm folding skipped for %s: %s", type(module).__name__, exc)
+        return clone

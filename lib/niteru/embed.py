@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from pydantic import Field
 
-from niteru.backbones import DEFAULT_BACKBONE, Backbone, backbone_from_state, load_backbone
+from niteru.backbones import DEFAULT_BACKBONE, Backbone, backbone_from_state, inference_copy, load_backbone
 from niteru.config import StageConfig
 from niteru.errors import BadImageError, ConfigError, SchemaError
 from niteru.images import DEFAULT_MAX_PIXELS, to_rgb
@@ -100,14 +100,17 @@ def prepare_pil(img: Image.Image, box: Sequence[float] | None, size: int, mode: 
 
 
 _SWAPS_AXES = {5, 6, 7, 8}
+DRAFT_OVERSAMPLE = 2.0  # reduced-scale JPEG decode keeps the crop >= 2x the model input
+DRAFT_MAX_SCALE = 0.5  # libjpeg scales by 1/2, 1/4, 1/8
 
 
 def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int, mode: str,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode one image file and return its ``box`` crop (pixels of the EXIF-transposed image) ready for the model.
 
-    JPEGs are decoded at a reduced scale (libjpeg DCT scaling, ``Image.draft``) when the crop stays at least as
-    large as the model input: same pixels out, a fraction of the decode time for big photos.
+    Big JPEGs are decoded at a reduced scale (libjpeg DCT scaling, ``Image.draft``) that keeps the crop at least
+    :data:`DRAFT_OVERSAMPLE` times the model input, so the final antialiased resize still dominates: nearly the same
+    pixels, a fraction of the decode time for multi-megapixel photos.
     """
     try:
         img = Image.open(path)
@@ -118,8 +121,9 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int, m
         full_w, full_h = (raw_h, raw_w) if orientation in _SWAPS_AXES else (raw_w, raw_h)
         crop_w, crop_h = max(box[2] - box[0], 1.0), max(box[3] - box[1], 1.0)
         need = size / max(crop_w, crop_h) if mode == "pad" else size / min(crop_w, crop_h)
-        if need < 0.5 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(raw_w * need), math.ceil(raw_h * need)))
+        if need <= DRAFT_MAX_SCALE / DRAFT_OVERSAMPLE and img.format == "JPEG":
+            scale = need * DRAFT_OVERSAMPLE
+            img.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
         img = ImageOps.exif_transpose(img)
         img.load()
     except BadImageError:
@@ -317,7 +321,7 @@ class Embedder:
         self.resize = resize
         self.device = device
         self.input_size = backbone.info.input_size
-        self.network = FeatureNet(backbone.module, head.eval() if head is not None else None).eval()
+        self.network = FeatureNet(inference_copy(backbone.module), head.eval() if head is not None else None).eval()
         self.head_sha256 = _state_sha256(head) if head is not None else ""
         if head is not None:
             with torch.inference_mode():
@@ -708,3 +712,33 @@ def _explained_variance(raw: np.ndarray, projection: Projection) -> float:
     total = float((x.astype(np.float64) ** 2).sum())
     kept = float((projection.apply(raw).astype(np.float64) ** 2).sum())
     return kept / total if total > 0 else 0.0
+
+
+def overview(cfg: EmbedConfig, max_items: int = 5000) -> pd.DataFrame:
+    """For the notebook's plots: per item its category, 2-D principal coordinates and nearest neighbour.
+
+    Columns ``product_id``, ``crop_index``, ``category``, ``pc1``, ``pc2``, ``nn_cosine`` (cosine to the nearest
+    other item) and ``nn_same_category``; at most ``max_items`` items (evenly spaced). Empty for a shard run.
+    """
+    stage_dir = cfg.stage_dir()
+    if not (stage_dir / "vectors.npy").exists() or cfg.num_shards > 1:
+        return pd.DataFrame(columns=["product_id", "crop_index", "category", "pc1", "pc2", "nn_cosine",
+                                     "nn_same_category"])
+    vectors = np.load(stage_dir / "vectors.npy", mmap_mode="r")
+    items = pd.read_parquet(stage_dir / "items.parquet", columns=["product_id", "crop_index"])
+    take = np.unique(np.linspace(0, len(items) - 1, min(max_items, len(items))).astype(np.int64))
+    vecs = np.asarray(vectors[take], dtype=np.float32)
+    frame = items.iloc[take].reset_index(drop=True)
+    catalog = pd.read_parquet(cfg.upstream_dir("extract") / "catalog.parquet")
+    categories = catalog.set_index("product_id")["category"] if "category" in catalog else pd.Series(dtype=str)
+    frame["category"] = frame["product_id"].map(categories).fillna("?")
+    centred = vecs - vecs.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    coords = centred @ vt[:2].T if len(vt) >= 2 else np.zeros((len(vecs), 2), np.float32)
+    frame["pc1"], frame["pc2"] = coords[:, 0], coords[:, 1]
+    sims = vecs @ vecs.T
+    np.fill_diagonal(sims, -np.inf)
+    nearest = sims.argmax(axis=1) if len(vecs) > 1 else np.zeros(len(vecs), np.int64)
+    frame["nn_cosine"] = sims[np.arange(len(vecs)), nearest] if len(vecs) > 1 else np.nan
+    frame["nn_same_category"] = frame["category"].to_numpy()[nearest] == frame["category"].to_numpy()
+    return frame

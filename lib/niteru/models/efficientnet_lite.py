@@ -62,9 +62,14 @@ class Conv2dSame(nn.Conv2d):
     """``nn.Conv2d`` with TensorFlow ``SAME`` padding computed from the actual input size."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False):
-        super().__init__(c_in, c_out, kernel, stride=stride, padding=0, groups=groups, bias=bias)
+        # stride 1 with an odd kernel: SAME padding is symmetric, so the convolution pads itself (no copy)
+        self.symmetric = stride == 1 and kernel % 2 == 1
+        super().__init__(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2 if self.symmetric else 0,
+                         groups=groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.symmetric:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         h, w = x.shape[-2:]
         top, bottom = same_padding(h, self.kernel_size[0], self.stride[0], self.dilation[0])
         left, right = same_padding(w, self.kernel_size[1], self.stride[1], self.dilation[1])
@@ -75,6 +80,17 @@ class Conv2dSame(nn.Conv2d):
 
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.Module) -> None:
+    """Fold an eval-mode batch norm into the preceding convolution (in place; ``bn`` becomes redundant)."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
 
 
 class MBConvBlock(nn.Module):
@@ -96,8 +112,8 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.has_expand:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = F.relu6(self._bn0(self._expand_conv(out)), inplace=True)
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         out = self._bn2(self._project_conv(out))
         return out + x if self.use_residual else out
 
@@ -125,14 +141,26 @@ class EfficientNetLite0(nn.Module):
         self._fc = nn.Linear(FEATURE_DIM, num_classes) if num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fc(self._dropout(self.forward_features(x)))
+
+    def fuse_bn(self) -> "EfficientNetLite0":
+        """Fold every batch norm into its convolution for inference (in place, eval mode; changes the state dict)."""
+        pairs: list[tuple[nn.Module, str, str]] = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for block in self._blocks:
+            if block.has_expand:
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for owner, conv, bn in pairs:
+            fold_bn(getattr(owner, conv), getattr(owner, bn))
+            setattr(owner, bn, nn.Identity())
+        return self.eval()
 
 
 class EfficientNetLite0Features(EfficientNetLite0):

@@ -1,0 +1,165 @@
+"""Embedding throughput of the default backbone: naive per-image loop vs the batched pipeline, same run.
+
+    .venv/bin/python benchmarks/bench_embed.py [--n 256] [--batch-size 64] [--workers -1] [--device cpu]
+
+Images: an evenly spaced sample of ../shared/datasets/clothing-small (real 400x533 product photos), or
+generated JPEGs when the dataset is absent. Every variant embeds the same whole-image crops; the table gives
+images/s (decode + resize + forward) and the speed-up over the naive loop, and the script checks that all
+variants produce the same vectors (cosine). Results: benchmarks/results/bench_embed.json.
+
+* naive: for each image ``load_rgb`` -> PIL resize/pad -> a batch of one through the unmodified model
+  under ``torch.no_grad`` (what a first notebook would do).
+* batched: the same per-image preprocessing in the main process, batches of ``--batch-size``,
+  ``torch.inference_mode``, unmodified model in contiguous layout.
+* pipeline: :meth:`niteru.embed.Embedder.iter_features`: DataLoader decode workers (JPEG draft decode),
+  batch-norm folded into the convolutions, ``channels_last``, ``inference_mode`` (bf16 autocast and nvjpeg on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from niteru import embed
+from niteru.images import load_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT.parent / "shared" / "datasets" / "clothing-small"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def sample_images(n: int) -> tuple[list[str], str]:
+    files = sorted(str(p) for p in DATASET.glob("train/*/*.jpg")) if DATASET.exists() else []
+    if files:
+        step = max(1, len(files) // n)
+        return files[::step][:n], f"clothing-small ({len(files)} photos, every {step}th)"
+    folder = Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        base = rng.integers(0, 255, (3,), dtype=np.uint8)
+        img = np.broadcast_to(base, (533, 400, 3)).copy()
+        img[100:450, 80:320] = rng.integers(0, 255, (3,), dtype=np.uint8)
+        img = np.clip(img.astype(np.int16) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:05d}.jpg"
+        Image.fromarray(img).save(path, quality=90)
+        paths.append(str(path))
+    return paths, f"generated 400x533 JPEGs in {folder}"
+
+
+def whole_boxes(paths: list[str]) -> np.ndarray:
+    sizes = [Image.open(p).size for p in paths]
+    return np.array([(0.0, 0.0, float(w), float(h)) for w, h in sizes])
+
+
+def _normalise(emb: embed.Embedder, batch: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(emb.backbone.info.mean).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(emb.backbone.info.std).view(1, 3, 1, 1) * 255.0
+    return (batch.float() - mean) / std
+
+
+def naive(emb: embed.Embedder, paths: list[str]) -> np.ndarray:
+    model = emb.backbone.module.to("cpu", memory_format=torch.contiguous_format).eval()
+    out = []
+    with torch.no_grad():
+        for path in paths:
+            arr = embed.prepare_pil(load_rgb(path), None, emb.input_size, emb.resize)
+            x = _normalise(emb, torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
+            out.append(model(x).numpy())
+    return np.concatenate(out)
+
+
+def batched(emb: embed.Embedder, paths: list[str], batch_size: int) -> np.ndarray:
+    model = emb.backbone.module.to("cpu", memory_format=torch.contiguous_format).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            arrays = [embed.prepare_pil(load_rgb(p), None, emb.input_size, emb.resize)
+                      for p in paths[start:start + batch_size]]
+            x = _normalise(emb, torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrays]))
+            out.append(model(x).numpy())
+    return np.concatenate(out)
+
+
+def pipeline(emb: embed.Embedder, paths: list[str], boxes: np.ndarray, batch_size: int, workers: int) -> np.ndarray:
+    chunks = [f for _, f in emb.iter_features(paths, boxes, batch_size, workers, progress=False)]
+    return np.concatenate(chunks)
+
+
+def timed(fn, *args) -> tuple[np.ndarray, float]:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(axis=1).min())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256, help="images per variant")
+    parser.add_argument("--naive-n", type=int, default=0, help="images for the naive loop (0: same as --n)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=-1, help="pipeline DataLoader workers (-1: auto)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(RESULTS / "bench_embed.json"))
+    args = parser.parse_args()
+
+    paths, source = sample_images(args.n)
+    boxes = whole_boxes(paths)
+    emb = embed.build_embedder(device="cpu")
+    naive_paths = paths[: args.naive_n or len(paths)]
+    warm = paths[: min(8, len(paths))]
+    naive(emb, warm[:2])
+    batched(emb, warm, args.batch_size)
+
+    rows = []
+    v_naive, t = timed(naive, emb, naive_paths)
+    rows.append(("naive per-image loop", len(naive_paths), t))
+    v_batched, t = timed(batched, emb, paths, args.batch_size)
+    rows.append((f"batched (bs {args.batch_size}, inference_mode)", len(paths), t))
+
+    fast = embed.build_embedder(device=args.device)
+    pipeline(fast, warm, whole_boxes(warm), args.batch_size, 0)
+    workers = embed.resolve_workers(args.workers, len(paths), args.batch_size, fast.is_cuda)
+    v_pipe, t = timed(pipeline, fast, paths, boxes, args.batch_size, args.workers)
+    rows.append((f"pipeline ({workers} workers, fused BN, channels_last)", len(paths), t))
+
+    base_rate = rows[0][1] / rows[0][2]
+    print(f"\nEfficientNet-Lite0 (shipped ImageNet weights), {source}, device {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"load avg {os.getloadavg()[0]:.1f}")
+    print(f"{'variant':<55} {'images':>7} {'seconds':>8} {'img/s':>8} {'speed-up':>9}")
+    results = []
+    for name, n, seconds in rows:
+        rate = n / seconds
+        print(f"{name:<55} {n:>7} {seconds:>8.2f} {rate:>8.1f} {rate / base_rate:>8.2f}x")
+        results.append({"variant": name, "images": n, "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
+                        "speedup_vs_naive": round(rate / base_rate, 2)})
+    agreement = {"naive_vs_batched": cosine_min(v_naive, v_batched[: len(v_naive)]),
+                 "naive_vs_pipeline": cosine_min(v_naive, v_pipe[: len(v_naive)])}
+    print("min cosine between variants' vectors:", {k: round(v, 5) for k, v in agreement.items()})
+    payload = {"benchmark": "embed", "source": source, "device": args.device, "batch_size": args.batch_size,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_avg_1m": os.getloadavg()[0], "machine": platform.machine(), "results": results,
+               "min_cosine": agreement}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
