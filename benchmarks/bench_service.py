@@ -9,7 +9,7 @@ Run: ``.venv/bin/python benchmarks/bench_service.py [--source demo:100x2 | --sou
    (concurrent image queries share forward passes through BentoML's adaptive batching dispatcher) and
    ``NITERU_BATCHING=0`` (one forward pass per request). The response cache is off (``NITERU_CACHE_SIZE=0``)
    so every request does the full work.
-3. For each server: ``/similar`` (by product id) and ``/search_image`` (catalog photos uploaded as JPEG),
+3. For each server: ``/search_by_product`` (by product id) and ``/search_by_image`` (catalog photos uploaded as JPEG),
    at concurrency 1 and 16, from an asyncio httpx client; warm-up requests are not timed.
 
 Prints a table (p50/p99 latency in ms, throughput in requests/s) and writes benchmarks/results/bench_service.json.
@@ -86,10 +86,10 @@ async def drive(url: str, make_request: Any, n: int, concurrency: int, warmup: i
 
 def bench_server(url: str, product_ids: list[str], photos: list[bytes], n_id: int, n_image: int) -> list[dict[str, Any]]:
     async def by_id(client: Any, i: int) -> Any:
-        return await client.post("/similar", json={"product_id": product_ids[i % len(product_ids)], "k": 10})
+        return await client.post("/search_by_product", json={"product_id": product_ids[i % len(product_ids)], "k": 10})
 
     async def by_image(client: Any, i: int) -> Any:
-        return await client.post("/search_image", files={"image": ("q.jpg", photos[i % len(photos)], "image/jpeg")},
+        return await client.post("/search_by_image", files={"image": ("q.jpg", photos[i % len(photos)], "image/jpeg")},
                                  data={"k": "10"})
 
     rows = []

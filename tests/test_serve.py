@@ -45,23 +45,23 @@ def test_build_serve_query_and_load(packaged: dict[str, Any], tmp_path: Path) ->
             info = client.post("/info", json={}).json()
             assert info["model_tag"] == packaged["model_tag"] and info["n_items"] == len(catalog)
             pid = catalog["product_id"].iat[0]
-            hits = client.post("/similar", json={"product_id": pid, "k": 5, "in_stock_only": False}).json()["results"]
+            hits = client.post("/search_by_product", json={"product_id": pid, "k": 5, "in_stock_only": False}).json()["results"]
             assert len(hits) == 5 and pid not in {h["product_id"] for h in hits}
             jpeg = Path(catalog["image_path"].iat[3]).read_bytes()
-            body = client.post("/search_image", files={"image": ("q.jpg", jpeg, "image/jpeg")},
+            body = client.post("/search_by_image", files={"image": ("q.jpg", jpeg, "image/jpeg")},
                                data={"k": "3", "in_stock_only": "false"}).json()
             assert body["items"][0]["results"][0]["product_id"] == catalog["product_id"].iat[3]
-            assert client.post("/similar", json={"product_id": "missing"}).status_code == 404
-            assert client.post("/search_image", files={"image": ("q.jpg", b"nope", "image/jpeg")}).status_code == 415
+            assert client.post("/search_by_product", json={"product_id": "missing"}).status_code == 404
+            assert client.post("/search_by_image", files={"image": ("q.jpg", b"nope", "image/jpeg")}).status_code == 415
 
             # bounded concurrent load, loopback only: 96 mixed requests, 12 in flight, zero errors allowed
             def one(i: int) -> int:
                 if i % 4 == 0:
                     path = catalog["image_path"].iat[i % len(catalog)]
-                    resp = client.post("/search_image", files={"image": ("q.jpg", Path(path).read_bytes(), "image/jpeg")},
+                    resp = client.post("/search_by_image", files={"image": ("q.jpg", Path(path).read_bytes(), "image/jpeg")},
                                        data={"k": "5"})
                 else:
-                    resp = client.post("/similar", json={"product_id": catalog["product_id"].iat[i % len(catalog)],
+                    resp = client.post("/search_by_product", json={"product_id": catalog["product_id"].iat[i % len(catalog)],
                                                          "k": 10, "in_stock_only": bool(i % 2)})
                 return resp.status_code
 
@@ -70,7 +70,7 @@ def test_build_serve_query_and_load(packaged: dict[str, Any], tmp_path: Path) ->
             assert codes.count(200) == 96, sorted(set(codes))
 
             metrics = client.get("/metrics").text
-            assert "bentoml_service_request_total" in metrics and 'endpoint="/similar"' in metrics
+            assert "bentoml_service_request_total" in metrics and 'endpoint="/search_by_product"' in metrics
     finally:
         assert package.stop_server(proc) is not None
     assert proc.poll() is not None

@@ -86,7 +86,7 @@ def catalog(packaged: dict[str, Any]) -> pd.DataFrame:
 
 def upload(client, data: bytes, content_type: str = "image/jpeg", **params: Any):
     form = {key: str(value) for key, value in params.items()}
-    return client.post("/search_image", files={"image": ("query.jpg", data, content_type)}, data=form)
+    return client.post("/search_by_image", files={"image": ("query.jpg", data, content_type)}, data=form)
 
 
 def write_availability(path: Path, table: pd.DataFrame, bump_s: float) -> None:
@@ -128,7 +128,7 @@ def test_search_by_image_finds_the_product(client, catalog: pd.DataFrame) -> Non
 def test_similar_by_product_id(client, catalog: pd.DataFrame) -> None:
     siblings_first = 0
     for row in catalog.itertuples():
-        body = client.post("/similar", json={"product_id": row.product_id, "k": 5, "in_stock_only": False}).json()
+        body = client.post("/search_by_product", json={"product_id": row.product_id, "k": 5, "in_stock_only": False}).json()
         ids = [r["product_id"] for r in body["results"]]
         assert row.product_id not in ids and len(ids) == 5
         siblings_first += catalog.set_index("product_id").loc[ids[0], "group_id"] == row.group_id
@@ -140,13 +140,13 @@ def test_filters(client, catalog: pd.DataFrame) -> None:
     pid = catalog["product_id"].iat[0]
     category = catalog["category"].value_counts().index[-1]  # the rarest category: a selective filter
     n_in_category = int((catalog["category"] == category).sum())
-    body = client.post("/similar", json={"product_id": pid, "k": 10, "category": category,
+    body = client.post("/search_by_product", json={"product_id": pid, "k": 10, "category": category,
                                          "in_stock_only": False}).json()
     expected = n_in_category - int(catalog.loc[catalog["product_id"] == pid, "category"].iat[0] == category)
     assert len(body["results"]) == min(10, expected)
     assert {r["metadata"]["category"] for r in body["results"]} <= {category}
     lo, hi = np.percentile(catalog["price"], [25, 75])
-    body = client.post("/similar", json={"product_id": pid, "k": 20, "min_price": lo, "max_price": hi,
+    body = client.post("/search_by_product", json={"product_id": pid, "k": 20, "min_price": lo, "max_price": hi,
                                          "in_stock_only": False}).json()
     assert body["results"] and all(lo <= r["metadata"]["price"] <= hi for r in body["results"])
     n_window = int(((catalog["price"] >= lo) & (catalog["price"] <= hi) & (catalog["product_id"] != pid)).sum())
@@ -157,32 +157,32 @@ def test_availability_refresh_without_restart(client, catalog: pd.DataFrame, ava
     table = pd.read_parquet(availability_file)
     target = catalog["product_id"].iat[1]
     query = {"product_id": catalog["product_id"].iat[0], "k": 31}
-    assert target in {r["product_id"] for r in client.post("/similar", json=query).json()["results"]}
+    assert target in {r["product_id"] for r in client.post("/search_by_product", json=query).json()["results"]}
 
     # out of stock -> hidden by default (file change picked up by mtime, no API call)
     table.loc[table["product_id"] == target, "in_stock"] = False
     write_availability(availability_file, table, bump_s=10)
     time.sleep(1.1)  # the service checks the file's mtime at most once a second
-    ids = {r["product_id"] for r in client.post("/similar", json=query).json()["results"]}
+    ids = {r["product_id"] for r in client.post("/search_by_product", json=query).json()["results"]}
     assert target not in ids and len(ids) == 30
     assert target in {r["product_id"] for r in
-                      client.post("/similar", json={**query, "in_stock_only": False}).json()["results"]}
+                      client.post("/search_by_product", json={**query, "in_stock_only": False}).json()["results"]}
 
     # removed from the snapshot -> never returned, unknown as a query; reloaded through the API
     write_availability(availability_file, table[table["product_id"] != target], bump_s=20)
     status = client.post("/refresh_availability", json={}).json()
     assert status["n_products"] == len(table) - 1
     for filters in ({}, {"in_stock_only": False}):
-        ids = {r["product_id"] for r in client.post("/similar", json={**query, **filters}).json()["results"]}
+        ids = {r["product_id"] for r in client.post("/search_by_product", json={**query, **filters}).json()["results"]}
         assert target not in ids
-    resp = client.post("/similar", json={"product_id": target})
+    resp = client.post("/search_by_product", json={"product_id": target})
     assert resp.status_code == 404 and "removed" in resp.json()["error"]
 
     # in-memory upsert through the API brings it back
     status = client.post("/refresh_availability",
                          json={"updates": [{"product_id": target, "in_stock": True, "removed": False}]}).json()
     assert status["updated"] == 1
-    assert target in {r["product_id"] for r in client.post("/similar", json=query).json()["results"]}
+    assert target in {r["product_id"] for r in client.post("/search_by_product", json=query).json()["results"]}
     write_availability(availability_file, table, bump_s=30)  # restore for other tests
     client.post("/refresh_availability", json={})
 
@@ -251,16 +251,16 @@ def test_bad_uploads_are_clear_4xx(client, catalog: pd.DataFrame, case: str) -> 
 ])
 def test_bad_parameters_are_clear_4xx(client, catalog: pd.DataFrame, payload: dict, status: int, needle: str) -> None:
     body = {"product_id": catalog["product_id"].iat[0], **payload}
-    resp = client.post("/similar", json=body)
+    resp = client.post("/search_by_product", json=body)
     assert resp.status_code == status, resp.text
     assert needle in json.dumps(resp.json())
 
 
 def test_malformed_requests_are_4xx(client, catalog: pd.DataFrame) -> None:
     jpeg = Path(catalog["image_path"].iat[0]).read_bytes()
-    assert client.post("/search_image", json={"image": "not a file"}).status_code == 400
-    assert client.post("/search_image", content=b"{broken", headers={"content-type": "application/json"}).status_code == 400
-    assert client.post("/similar", content=b"{broken", headers={"content-type": "application/json"}).status_code == 400
+    assert client.post("/search_by_image", json={"image": "not a file"}).status_code == 400
+    assert client.post("/search_by_image", content=b"{broken", headers={"content-type": "application/json"}).status_code == 400
+    assert client.post("/search_by_product", content=b"{broken", headers={"content-type": "application/json"}).status_code == 400
     resp = upload(client, jpeg, k=500)
     assert resp.status_code == 400 and "less than or equal to 100" in resp.text
     resp = upload(client, jpeg, category="spacesuits")

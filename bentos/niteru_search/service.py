@@ -4,12 +4,12 @@ Serves one packaged niteru model (``niteru.package``): embedder + detector + Ann
 
 APIs (typed signatures below are the OpenAPI schema; ``/docs`` shows it):
 
-* ``POST /search_image``  multipart upload -> detect -> crop -> embed -> ANN -> filter -> top-k per item
-* ``POST /similar``       similar items for a catalog product id (its stored vector, no image work)
-* ``POST /embed_crops``   batchable embedding of image crops (adaptive batching); ``/search_image``
+* ``POST /search_by_image``       multipart upload -> detect -> crop -> embed -> ANN -> filter -> top-k per item
+* ``POST /search_by_product``     similar items for a catalog product id (its stored vector, no image work)
+* ``POST /embed_crops``           batchable embedding of image crops (adaptive batching); ``/search_by_image``
   shares BentoML's adaptive batching dispatcher in-process, so concurrent image queries share forward passes
 * ``POST /refresh_availability``  reload the availability table now (optionally upsert rows)
-* ``POST /info``          model tag, run id, index size, categories, availability version
+* ``POST /info``                  model tag, run id, index size, categories, availability version
 * BentoML's own ``/livez``, ``/readyz`` (ready once the model is loaded) and ``/metrics`` (Prometheus)
 
 Bad input answers 4xx with ``{"error": message, "code": code}``: never a 500.
@@ -18,7 +18,8 @@ Environment: ``NITERU_MODEL_TAG`` (default ``niteru:latest``), ``NITERU_AVAILABI
 product_id, in_stock[, price, removed]; reloaded when its mtime changes; default: the packaged
 snapshot), ``NITERU_BATCHING`` (1/0), ``NITERU_CACHE_SIZE`` (LRU entries, 0 = off),
 ``NITERU_REDIS_URL`` (shared response cache), ``NITERU_DEVICE``, ``NITERU_MAX_UPLOAD_MB``,
-``NITERU_MAX_PIXELS``, ``NITERU_MAX_ITEMS``, ``NITERU_TORCH_THREADS``.
+``NITERU_MAX_PIXELS``, ``NITERU_MAX_ITEMS``, ``NITERU_TORCH_THREADS``, ``NITERU_CPU_SLOTS`` (concurrent
+CPU-heavy steps, default 1), ``NITERU_BATCH_MAX_LATENCY_MS``.
 """
 
 import asyncio
@@ -253,7 +254,9 @@ class NiteruSearch:
         self._dispatcher = CorkDispatcher(max_latency_in_ms=BATCH_MAX_LATENCY_MS, max_batch_size=BATCH_MAX_SIZE,
                                           fallback=_overloaded, get_batch_size=len, batch_dim=(0, 0))
         self._batched = self._dispatcher(self._embed_batches)
-        self._cpu = asyncio.Semaphore(2)
+        # CPU-heavy steps (decode+detect, embedding passes) run one at a time: each already uses every core
+        # through torch's intra-op threads, and overlapping them only makes both slower.
+        self._cpu = asyncio.Semaphore(int(os.environ.get("NITERU_CPU_SLOTS", "1")))
         self._ready = True
         log.info("niteru search ready: model %s, %d items, batching=%s", self.model_tag, self.engine.n_items,
                  self.batching)
@@ -279,8 +282,8 @@ class NiteruSearch:
         return np.asarray(self.bundle.embedder.embed(images), dtype=np.float32)
 
     # ------------------------------------------------------------------ search by image
-    @bentoml.api(route="/search_image")
-    async def search_image(
+    @bentoml.api(route="/search_by_image")
+    async def search_by_image(
         self,
         image: Annotated[Path, ContentType("image/*")],
         k: Annotated[int, Field(ge=1, le=MAX_K, description="results per detected item")] = 10,
@@ -311,9 +314,9 @@ class NiteruSearch:
         except Exception as exc:
             return error_response(exc)
 
-    # ------------------------------------------------------------------ similar by product id
-    @bentoml.api(route="/similar")
-    async def similar(
+    # ------------------------------------------------------------------ search by product id
+    @bentoml.api(route="/search_by_product")
+    async def search_by_product(
         self,
         product_id: Annotated[str, Field(min_length=1, max_length=512)],
         k: Annotated[int, Field(ge=1, le=MAX_K)] = 10,
@@ -415,7 +418,8 @@ class NiteruSearch:
     async def _embed_batches(self, batches: Any) -> list[np.ndarray]:
         """Dispatcher callback: one forward pass for the crops of every waiting request."""
         flat = [image for crops in batches for image in crops]
-        vectors = await asyncio.to_thread(self.bundle.embedder.embed, flat)
+        async with self._cpu:
+            vectors = await asyncio.to_thread(self.bundle.embedder.embed, flat)
         out, start = [], 0
         for crops in batches:
             out.append(vectors[start:start + len(crops)])
