@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -567,12 +568,12 @@ def _kubernetes_task(settings: DagSettings, stage: Stage, shard: tuple[int, int]
         mounts = [k8s.V1VolumeMount(name="niteru-runs", mount_path=str(settings.runs_root))]
     return KubernetesPodOperator(
         task_id=task_id, name=f"niteru-{stage.name}" + (f"-{shard[0]}" if shard else ""), namespace=k.namespace,
-        image=k.image, cmds=["python"], arguments=args, kubernetes_conn_id=k.kubernetes_conn_id,
-        in_cluster=k.in_cluster, container_resources=k8s.V1ResourceRequirements(requests=limits, limits=limits),
+        image=k.image, cmds=["python"], arguments=args, in_cluster=k.in_cluster, container_resources=k8s.V1ResourceRequirements(requests=limits, limits=limits),
         node_selector=k.node_selector or None, volumes=volumes, volume_mounts=mounts,
         tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
         service_account_name=k.service_account or None, get_logs=True, on_finish_action="delete_pod",
-        env_vars={"NITERU_RUNS_ROOT": str(settings.runs_root), "BENTOML_DO_NOT_TRACK": "true"}, **callbacks,
+        env_vars={"NITERU_RUNS_ROOT": str(settings.runs_root), "BENTOML_DO_NOT_TRACK": "true"},
+        **({"kubernetes_conn_id": k.kubernetes_conn_id} if k.kubernetes_conn_id else {}), **callbacks,
     )
 
 
@@ -664,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notebooks = Path(args.notebooks_dir) if args.notebooks_dir else default_notebooks_dir()
         result = execute_stage(Path(args.run_dir), stage, notebooks, args.output_url, shard,
                                papermill_executor(args.kernel))
-        print(json.dumps(result, indent=2, default=str))
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         return 0
     settings = DagSettings.from_env()
     if args.validate:
@@ -672,7 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stage in settings.chain:
         n = settings.num_shards(stage)
         where = "kubernetes GPU pod" if stage.gpu and settings.gpu_backend == "kubernetes" else "papermill"
-        print(f"{stage.name:9s} {stage.notebook:18s} shards={n} ({where}) upstream={','.join(stage.upstream) or '-'}")
+        sys.stdout.write(f"{stage.name:9s} {stage.notebook:18s} shards={n} ({where}) "
+                         f"upstream={','.join(stage.upstream) or '-'}\n")
     return 0
 
 
