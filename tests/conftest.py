@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,17 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASET = REPO.parent / "shared" / "datasets" / "clothing-small" / "train"
 
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+# Set before anything imports bentoml (it reads BENTOML_HOME once): the whole session, and every kernel
+# or server it starts, uses one throw-away BentoML store, never the user's ~/bentoml.
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="niteru-tests-"))
+os.environ["BENTOML_HOME"] = str(_SESSION_TMP / "bentoml")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+os.environ["MPLBACKEND"] = "Agg"
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.pop("NITERU_ALERT_WEBHOOK", None)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep BentoML's store and matplotlib's cache out of the user's home."""
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path_factory.getbasetemp() / "bentoml"))
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.delenv("NITERU_ALERT_WEBHOOK", raising=False)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
