@@ -285,3 +285,22 @@ def test_cuda_pipeline_matches_cpu(tmp_path: Path, demo: Path, embedder: embed.E
     v_gpu, _ = _vectors(run_gpu)
     cosine = (v_cpu * v_gpu).sum(axis=1)
     assert cosine.min() > 0.97, cosine
+
+
+def test_projection_head_from_a_file(tmp_path: Path, demo: Path) -> None:
+    from niteru.heads import ProjectionHead, save_head
+
+    torch.manual_seed(0)
+    spec = save_head(ProjectionHead(1280, out_dim=24, hidden_dim=0), tmp_path / "head.pt", {"note": "untrained"})
+    run = tmp_path / "run"
+    _make_upstream(run, demo)
+    result = embed.run(_cfg(run, tmp_path / "_cache", head=spec), progress=False)
+    vectors, _ = _vectors(run)
+    assert vectors.shape == (15, 24) and result.dim == 24
+    rebuilt = embed.load_embedder(run / "embed" / "model.json")
+    assert rebuilt.model_id == result.model_id and "-h" in result.model_id
+    config, state = rebuilt.export()
+    (tmp_path / "head.pt").unlink()  # the export alone rebuilds the head
+    clone = embed.Embedder.from_export(config, state)
+    photo = Image.open(demo / "images" / sorted(p.name for p in (demo / "images").iterdir())[0]).convert("RGB")
+    np.testing.assert_allclose(clone.embed([photo]), rebuilt.embed([photo]), atol=1e-5)

@@ -433,6 +433,8 @@ class Embedder:
             "weights_sha256": self.backbone.weights_sha256,
             "head": self.head_spec,
             "head_sha256": self.head_sha256,
+            "head_config": (self.network.head.config()
+                            if self.network.head is not None and hasattr(self.network.head, "config") else None),
             "input_size": self.input_size,
             "resize": self.resize,
             "mean": list(info.mean),
@@ -463,7 +465,12 @@ class Embedder:
         )
         head = None
         if config.get("head"):
-            head, _ = _load_head(config["head"])
+            if config.get("head_config"):  # rebuilt from the export alone: the head file is not needed
+                from niteru.heads import ProjectionHead
+
+                head = ProjectionHead.from_config(config["head_config"])
+            else:
+                head, _ = _load_head(config["head"])
             head.load_state_dict({k[5:]: v for k, v in state_dict.items() if k.startswith("head.")})
         projection = None
         if config.get("projection", {}).get("type") == "pca":
