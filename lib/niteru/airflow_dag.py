@@ -301,7 +301,7 @@ def init_run(settings: DagSettings, dag_run_id: str, when: dt.datetime,
     run_dir.mkdir(parents=True, exist_ok=True)
     runner = ChainRunner(runs_root=settings.runs_root, notebooks_dir=settings.resolved_notebooks_dir(),
                          kernel_name=settings.kernel_name, chain=settings.chain)
-    manifest = runner._new_manifest(run_id, run_dir, settings.chain, params)  # same layout as `niteru run`
+    manifest = runner.new_manifest(run_id, run_dir, settings.chain, params)  # same layout as `niteru run`
     manifest.update(status=runs.STATUS_RUNNING, started_at=runs.iso())
     manifest["orchestrator"] = {
         "kind": "airflow", "dag_id": dag_id or settings.dag_id, "dag_run_id": dag_run_id,

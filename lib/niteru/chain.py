@@ -174,7 +174,7 @@ class ChainRunner:
             validate_stage_params(stage, params[stage.name], run_dir)
             self._check_notebook(stage, params[stage.name])
         run_dir.mkdir(parents=True, exist_ok=True)
-        manifest = self._new_manifest(run_id, run_dir, chain, params)
+        manifest = self.new_manifest(run_id, run_dir, chain, params)
         runs.save_manifest(run_dir, manifest)
         return self._execute(run_dir, manifest, chain)
 
@@ -205,7 +205,7 @@ class ChainRunner:
         if unknown:
             raise ConfigError(f"stage '{stage.name}': notebook {stage.notebook} declares no parameter(s) {unknown}")
 
-    def _new_manifest(self, run_id: str, run_dir: Path, chain: tuple[Stage, ...],
+    def new_manifest(self, run_id: str, run_dir: Path, chain: tuple[Stage, ...],
                       params: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
             "schema": 1,

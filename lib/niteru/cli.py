@@ -194,6 +194,24 @@ def list_runs_cmd(runs_root: str, as_json: bool) -> None:
         click.echo(f"{info.run_id:<22} {info.status:<10} {_fmt(info.duration_s):>7}  {vals}  {info.source or ''}")
 
 
+@cli.command(add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sla(args: tuple[str, ...]) -> None:
+    """Check that today's run succeeded by a deadline; alert and exit 1 if not (options: `niteru sla --help`)."""
+    from niteru.alerts import main as alerts_main
+
+    sys.exit(alerts_main(["sla", *args]))
+
+
+@cli.command(add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def dag(args: tuple[str, ...]) -> None:
+    """Airflow DAG tools: `niteru dag show [--validate]`, `niteru dag run-stage ...` (docs/airflow.md)."""
+    from niteru.airflow_dag import main as dag_main
+
+    sys.exit(dag_main(list(args)))
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"

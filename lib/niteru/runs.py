@@ -130,6 +130,8 @@ class RunInfo:
     @classmethod
     def from_manifest(cls, path: Path, manifest: dict[str, Any]) -> "RunInfo":
         metrics: dict[str, Any] = {}
+        for stage in manifest.get("stages", {}).values():  # counts first: a metric of the same name wins
+            metrics.update(stage.get("counts") or {})
         for stage in manifest.get("stages", {}).values():
             metrics.update(stage.get("metrics") or {})
         return cls(
