@@ -195,7 +195,6 @@ def _read_availability(path: Path) -> pd.DataFrame:
     if not path.exists():
         raise ConfigError(f"availability table {path} does not exist; point NITERU_AVAILABILITY at a Parquet "
                           f"file with columns product_id, in_stock[, price, removed]")
-    columns = None
     import pyarrow.parquet as pq
 
     names = set(pq.read_schema(path).names)
