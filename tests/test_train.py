@@ -110,17 +110,17 @@ def write_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
 @pytest.mark.slow
 def test_training_run_end_to_end(tmp_path):
     data = write_folder(tmp_path / "data")
-    cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / "runs" / "t"), device="cpu", weights="random",
-                      aug_views=1, epochs=15, batch_size=16, k=3, test_fraction=0.3, out_dim=16, hidden_dim=32,
+    cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / "runs" / "t"), device="cpu",  # shipped weights
+                      aug_views=1, epochs=30, batch_size=8, lr=0.003, k=3, test_fraction=0.3, out_dim=16, hidden_dim=32,
                       register_as="bentoml:tiny-head")
     result = train.run(cfg)
     m = result.metrics
     assert m["n_train"] + m["n_test"] == 36 and m["n_test"] >= 6
-    assert result.history[-1] < result.history[0]
-    assert 0.0 <= m["frozen_test_p@3"] <= 1.0 and m["head_train_p@3"] >= 0.9
+    assert result.history[-1] < 0.6 * result.history[0]
+    assert m["frozen_test_p@3"] >= 0.6 and m["head_train_p@3"] >= 0.95 and m["head_test_p@3"] >= 0.6
     head, meta = load_head(result.head_spec)
-    assert meta["metrics"]["head_test_p@3"] == m["head_test_p@3"] and meta["training"]["epochs"] == 15
-    assert meta["input_model_id"].startswith("efficientnet_lite0-wrandom-seed0")
+    assert meta["metrics"]["head_test_p@3"] == m["head_test_p@3"] and meta["training"]["epochs"] == 30
+    assert meta["input_model_id"].startswith("efficientnet_lite0-w579344248a93")
     assert (result.out_dir / "loss.png").stat().st_size > 1000
     # the feature cache makes a re-run skip the backbone entirely
     cached = list((tmp_path / "runs" / "_cache" / "train_features").rglob("*.npy"))
@@ -134,6 +134,6 @@ def test_training_run_end_to_end(tmp_path):
     # the embed stage's embedder applies the head on top of the backbone
     from niteru.embed import build_embedder
 
-    embedder = build_embedder(weights="random", head=result.head_spec, device="cpu")
+    embedder = build_embedder(head=result.head_spec, device="cpu")
     vec = embedder.embed([Image.open(next((data / "dots").iterdir())).convert("RGB")])
     assert vec.shape == (1, 16) and np.isclose(np.linalg.norm(vec), 1.0, atol=1e-5)
