@@ -21,9 +21,9 @@ checksums of a rebuild are reproducible; set ``n_jobs=-1`` for large catalogs (a
 Per-category sub-indexes (decision, measured by ``benchmarks/bench_index.py`` part 2): not built. On 100k x
 256 (50 trees, one BLAS thread, a heavily loaded 2-core machine), for a filter holding 0.5 % / 2 % / 10 % of
 the items: an exact scan of the matching rows of ``vectors.npy`` (:meth:`LoadedIndex.query_subset`) took
-0.7 / 1.8 / 16 ms with recall@10 = 1.0; a dedicated per-category Annoy forest took 0.3 / 0.3 / 0.8 ms but
+0.4 / 2.4 / 23 ms with recall@10 = 1.0; a dedicated per-category Annoy forest took 0.15 / 0.5 / 0.8 ms but
 reached only 0.95 / 0.63 / 0.73 recall@10 at its default search_k (and costs build time, disk, and files to keep
-consistent per category); over-fetching the global index took 40 / 12 / 2.7 ms at 0.68 / 0.48 / 0.83.
+consistent per category); over-fetching the global index took 25 / 12 / 5 ms at 0.68 / 0.48 / 0.83.
 So: exact scan when the filtered subset is small (a few thousand items), global over-fetch otherwise, which
 is what :class:`niteru.search.SearchEngine` does (its exact threshold and adaptive over-fetch).
 """
