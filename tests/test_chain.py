@@ -156,3 +156,15 @@ def test_previous_successful_run(runner, tmp_path):
     third = runner.run(run_id="20260103-000000-cccc")
     prev = runs.previous_successful_run(third.run_dir)
     assert prev is not None and prev.name == "20260102-000000-bbbb"
+
+
+def test_resume_with_changed_parameters_reruns_that_stage_and_downstream(runner: ChainRunner, tmp_path: Path):
+    counter = tmp_path / "counter.txt"
+    assert runner.run({"counter": str(counter)}, run_id="r5").ok
+    resumed = runner.resume("r5", stages={"b": {"fail_if_exists": str(tmp_path / "absent")}})
+    assert resumed.ok
+    assert _executions(counter) == ["a", "b", "c", "b", "c"]
+    entry = resumed.manifest["stages"]["b"]
+    assert entry["parameters"]["fail_if_exists"].endswith("absent") and entry["parameter_history"]
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        runner.resume("r5", stages={"b": {"nope": 1}})

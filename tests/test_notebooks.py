@@ -52,3 +52,18 @@ def test_chain_notebooks_are_thin(stage):
         if cell.cell_type == "code":
             assert "def " not in cell.source and "class " not in cell.source, f"{stage.notebook}: logic belongs in lib/"
             assert "sys.path" not in cell.source, f"{stage.notebook}: no sys.path hacks"
+
+
+@pytest.mark.slow
+def test_chain_notebooks_run_standalone_with_their_defaults(tmp_path):
+    """As in JupyterLab: open each chain notebook in order and run it unchanged (tiny demo in runs/dev)."""
+    import json
+
+    for stage in CHAIN:
+        papermill.execute_notebook(str(NOTEBOOKS / stage.notebook), str(tmp_path / stage.notebook),
+                                   kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+        summary = tmp_path / "runs" / "dev" / stage.name / "stage.json"
+        assert summary.exists(), f"{stage.notebook} did not complete its stage folder"
+    metrics = json.loads((tmp_path / "runs" / "dev" / "evaluate" / "stage.json").read_text())["metrics"]
+    assert metrics["recall@10"] >= 0.95
+    assert json.loads((tmp_path / "runs" / "dev" / "package" / "package.json").read_text())["bento_tag"]

@@ -170,22 +170,38 @@ class ChainRunner:
         run_dir = self.runs_root / run_id
         if (run_dir / runs.MANIFEST).exists():
             raise ConfigError(f"run {run_id!r} already exists in {self.runs_root}; use --resume {run_id}")
+        configs = {}
         for stage in chain:  # all validation happens before anything executes
-            validate_stage_params(stage, params[stage.name], run_dir)
+            configs[stage.name] = validate_stage_params(stage, params[stage.name], run_dir)
             self._check_notebook(stage, params[stage.name])
         run_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.new_manifest(run_id, run_dir, chain, params)
+        manifest["source"] = getattr(configs.get("extract"), "source", manifest["source"])
         runs.save_manifest(run_dir, manifest)
         return self._execute(run_dir, manifest, chain)
 
-    def resume(self, run_id: str) -> RunResult:
+    def resume(self, run_id: str, common: Mapping[str, Any] | None = None,
+               stages: Mapping[str, Mapping[str, Any]] | None = None) -> RunResult:
         """Continue a run from its first incomplete stage; finished stages whose artifacts still match
-        their recorded sha256s are not recomputed."""
+        their recorded sha256s are not recomputed.
+
+        Parameter overrides (same form as :meth:`run`) are merged into the recorded ones; a stage whose
+        parameters change is re-run with everything downstream of it, e.g.
+        ``resume(run_id, stages={"extract": {"retry_failed": True}})`` re-fetches only the failed images.
+        """
         run_dir = self.runs_root / run_id
         manifest = runs.load_manifest(run_dir)
         chain = tuple(get_stage(n, self.chain) for n in manifest["chain"])
+        overrides = split_params(chain, common, stages) if (common or stages) else {}
         for stage in chain:
-            validate_stage_params(stage, manifest["stages"][stage.name]["parameters"], run_dir)
+            entry = manifest["stages"][stage.name]
+            merged = {**entry["parameters"], **overrides.get(stage.name, {})}
+            validate_stage_params(stage, merged, run_dir)
+            if merged != entry["parameters"]:
+                self._check_notebook(stage, merged)
+                entry.setdefault("parameter_history", []).append(entry["parameters"])
+                entry["parameters"] = merged
+                entry["status"] = runs.STATUS_PENDING  # changed parameters: recompute this stage and downstream
         return self._execute(run_dir, manifest, chain)
 
     # ------------------------------------------------------------------ internals

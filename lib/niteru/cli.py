@@ -106,23 +106,24 @@ def cli(verbose: bool) -> None:
 @click.option("--run-id", default=None, help="run id (default: timestamp-based)")
 @click.option("--until", default=None, help="stop after this stage")
 @click.option("--resume", "resume_id", default=None, metavar="RUN_ID",
-              help="continue RUN_ID from its first incomplete stage (finished stages are verified by checksum)")
+              help="continue RUN_ID from its first incomplete stage (finished stages are verified by checksum); "
+                   "--set overrides re-run the stages they change, e.g. --set extract.retry_failed=true")
 @click.option("--runs-root", default=DEFAULT_RUNS_ROOT, show_default=True)
 @click.option("--log-output", is_flag=True, help="stream notebook output to the log")
 def run(config_file: Path | None, assignments: tuple[str, ...], run_id: str | None, until: str | None,
         resume_id: str | None, runs_root: str, log_output: bool) -> None:
     """Run the chain (extract -> detect -> embed -> index -> evaluate -> package)."""
     runner = _runner(runs_root, log_output)
+    common, stages = load_config_file(config_file)
+    c2, s2 = parse_assignments(assignments)
+    common.update(c2)
+    for name, values in s2.items():
+        stages.setdefault(name, {}).update(values)
     if resume_id:
-        if assignments or config_file or until:
-            raise click.UsageError("--resume continues a run with its recorded parameters; drop --set/--config/--until")
-        result = runner.resume(resume_id)
+        if until or run_id:
+            raise click.UsageError("--resume continues an existing run: drop --until/--run-id")
+        result = runner.resume(resume_id, common, stages)
     else:
-        common, stages = load_config_file(config_file)
-        c2, s2 = parse_assignments(assignments)
-        common.update(c2)
-        for name, values in s2.items():
-            stages.setdefault(name, {}).update(values)
         result = runner.run(common, stages, run_id=run_id, until=until)
     _report(result)
     if not result.ok:
