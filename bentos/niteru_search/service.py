@@ -19,7 +19,7 @@ product_id, in_stock[, price, removed]; reloaded when its mtime changes; default
 snapshot), ``NITERU_BATCHING`` (1/0), ``NITERU_CACHE_SIZE`` (LRU entries, 0 = off),
 ``NITERU_REDIS_URL`` (shared response cache), ``NITERU_DEVICE``, ``NITERU_MAX_UPLOAD_MB``,
 ``NITERU_MAX_PIXELS``, ``NITERU_MAX_ITEMS``, ``NITERU_TORCH_THREADS``, ``NITERU_CPU_SLOTS`` (concurrent
-CPU-heavy steps, default 1), ``NITERU_BATCH_MAX_LATENCY_MS``.
+CPU-heavy steps, default 1), ``NITERU_BATCH_MAX_LATENCY_MS``, ``NITERU_WORKERS`` (server processes, default 1).
 """
 
 import asyncio
@@ -221,7 +221,7 @@ def _env_flag(name: str, default: bool) -> bool:
 # ------------------------------------------------------------------------------------------ service
 @bentoml.service(
     name="niteru_search",
-    workers=1,
+    workers=int(os.environ.get("NITERU_WORKERS", "1")),
     threads=1,
     traffic={"timeout": 60, "max_concurrency": 256},
     resources={"cpu": "2"},
