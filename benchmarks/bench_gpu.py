@@ -40,6 +40,17 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
+PHASES: dict[str, float] = {}
+
+
+def _tick(name: str, t0: float) -> float:
+    """Add the time since ``t0`` (GPU work included) to phase ``name``; return now."""
+    sync()
+    now = time.perf_counter()
+    PHASES[name] = PHASES.get(name, 0.0) + now - t0
+    return now
+
+
 def e2e_pass(emb: embed.Embedder, det: SaliencyDetector, paths: list[str], batch_size: int, workers: int) -> int:
     """One pass: decode on GPU, detect, crop, embed. Returns the number of images embedded."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -49,9 +60,12 @@ def e2e_pass(emb: embed.Embedder, det: SaliencyDetector, paths: list[str], batch
                                          collate_fn=list, prefetch_factor=4 if workers else None)
     done = 0
     work = det.work_size
+    t = time.perf_counter()
     for samples in loader:
+        t = _tick("wait for loader (read bytes + EXIF)", t)
         images = decode_jpeg([s[1] for s in samples], mode=ImageReadMode.RGB, device=emb.device)
         images = [embed.orient_chw(img, s[3]) for img, s in zip(images, samples)]
+        t = _tick("nvjpeg decode", t)
         # detection on a small square copy; images of the same size are resized together
         small = torch.empty((len(images), 3, work, work), device=emb.device)
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -63,6 +77,7 @@ def e2e_pass(emb: embed.Embedder, det: SaliencyDetector, paths: list[str], batch
         with torch.inference_mode():
             boxes, scores, fractions = saliency_boxes(small, det.border)
         boxes, fractions = boxes.cpu().tolist(), fractions.cpu().tolist()
+        t = _tick("detect (128 px resize + saliency)", t)
         crops = []
         for img, box, frac in zip(images, boxes, fractions):
             h, w = img.shape[1:]
@@ -72,9 +87,12 @@ def e2e_pass(emb: embed.Embedder, det: SaliencyDetector, paths: list[str], batch
             else:
                 px = (0.0, 0.0, float(w), float(h))
             crops.append(embed.prepare_tensor(img, px, emb.input_size, emb.resize))
-        feats = emb.forward_uint8(torch.stack(crops))
+        batch = torch.stack(crops)
+        t = _tick("crop + resize + pad (per image)", t)
+        feats = emb.forward_uint8(batch)
         embed.l2_normalize(feats)
         done += len(feats)
+        t = _tick("embed (bf16) + copy to host", t)
     return done
 
 
@@ -127,11 +145,13 @@ def main() -> None:
     rows = []
     n, t = timed(model_only, emb, args.batch_size, 40)
     rows.append(("model-only (resident uint8 batch, bf16)", n, t))
+    PHASES.clear()
     n, t = timed(e2e_pass, emb, det, paths, args.batch_size, args.workers, passes=args.passes)
     rows.append((f"e2e nvjpeg decode + saliency detect + crop + embed ({args.workers} workers)", n, t))
+    phases = {k: round(v, 3) for k, v in PHASES.items()}
     n, t = timed(embed_only, emb, paths, boxes, args.batch_size, args.workers, True, passes=args.passes)
     rows.append(("embed stage path, nvjpeg decode (whole images)", n, t))
-    n, t = timed(embed_only, emb, paths, boxes, args.batch_size, args.workers, False, passes=1)
+    n, t = timed(embed_only, emb, paths, boxes, args.batch_size, args.workers, False, passes=args.passes)
     rows.append(("embed stage path, PIL decode in workers", n, t))
 
     # agreement of the GPU path (nvjpeg + bf16) with the CPU fp32 path
@@ -147,10 +167,12 @@ def main() -> None:
     for name, n, t in rows:
         print(f"{name:<75} {n:>7} {t:>8.2f} {n / t:>9.0f}")
         results.append({"variant": name, "images": n, "seconds": round(t, 3), "images_per_s": round(n / t, 1)})
+    print("e2e time by phase (s, all passes):", phases)
     print(f"GPU (nvjpeg+bf16) vs CPU (PIL+fp32) cosine: min {cosine.min():.4f} mean {cosine.mean():.4f}")
     payload = {"benchmark": "gpu_e2e", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "images": len(paths), "megabytes": round(mb, 1), "batch_size": args.batch_size,
                "workers": args.workers, "passes": args.passes, "cpu_count": os.cpu_count(), "results": results,
+               "e2e_phases_s": phases,
                "gpu_vs_cpu_cosine": {"min": float(cosine.min()), "mean": float(cosine.mean())}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -270,19 +270,45 @@ def test_clear_errors_for_bad_parameters(tmp_path: Path) -> None:
         embed.run(_cfg(tmp_path / "empty", tmp_path / "_cache"))
 
 
+def _synthetic_upstream(run_dir: Path, n: int = 12) -> None:
+    """Upstream folders over generated JPEGs (no demo catalog): shapes on white, one with EXIF orientation 6."""
+    rng = np.random.default_rng(3)
+    folder = run_dir.parent / f"{run_dir.name}-jpegs"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        w, h = int(rng.integers(180, 420)), int(rng.integers(180, 420))
+        img = np.full((h, w, 3), 250, np.uint8)
+        x0, y0 = int(rng.integers(0, w // 3)), int(rng.integers(0, h // 3))
+        img[y0:y0 + h // 2, x0:x0 + w // 2] = rng.integers(0, 200, 3)
+        img = np.clip(img + rng.integers(-8, 8, img.shape), 0, 255).astype(np.uint8)
+        exif = Image.Exif()
+        if i == 0:
+            exif[0x0112] = 6
+        path = folder / f"{i:03d}.jpg"
+        Image.fromarray(img).save(path, quality=90, exif=exif.tobytes())
+        rows.append({"product_id": f"S{i:03d}", "image_path": str(path), "category": "shape"})
+    catalog = pd.DataFrame(rows)
+    _refresh_fetch_columns(catalog)
+    catalog[["width", "height"]] = [load_rgb(p).size for p in catalog["image_path"]]  # EXIF-transposed sizes
+    _write_stage(run_dir / "extract", "catalog.parquet", catalog)
+    _write_stage(run_dir / "detect", "boxes.parquet", _boxes(catalog))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_pipeline_matches_cpu(tmp_path: Path, demo: Path, embedder: embed.Embedder) -> None:
+def test_cuda_pipeline_matches_cpu(tmp_path: Path, embedder: embed.Embedder) -> None:
     run_cpu, run_gpu = tmp_path / "cpu", tmp_path / "gpu"
-    _make_upstream(run_cpu, demo)
-    _make_upstream(run_gpu, demo)
+    _synthetic_upstream(run_cpu)
+    _synthetic_upstream(run_gpu)
     embed.run(_cfg(run_cpu, tmp_path / "c1"), embedder=embedder, progress=False)
     gpu_cfg = EmbedConfig(run_dir=str(run_gpu), cache_dir=str(tmp_path / "c2"), device="cuda", batch_size=8,
                           num_workers=2)
-    result = embed.run(gpu_cfg, progress=False)  # nvjpeg decode + bf16 autocast
-    assert result.metrics["device"].startswith("cuda")
-    v_cpu, _ = _vectors(run_cpu)
-    v_gpu, _ = _vectors(run_gpu)
+    result = embed.run(gpu_cfg, progress=False)  # nvjpeg decode (EXIF orientation on the GPU) + bf16 autocast
+    assert result.metrics["device"].startswith("cuda") and result.counts["embedded"] == 15
+    v_cpu, items_cpu = _vectors(run_cpu)
+    v_gpu, items_gpu = _vectors(run_gpu)
+    pd.testing.assert_frame_equal(items_cpu.drop(columns="image_sha256"), items_gpu.drop(columns="image_sha256"))
     cosine = (v_cpu * v_gpu).sum(axis=1)
     assert cosine.min() > 0.97, cosine
 
