@@ -26,7 +26,6 @@ BENTO_DIR = REPO / "bentos" / "niteru_search"
 def packaged_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run the chain once per test session (shared by test_service and test_serve through a marker file)."""
     base = tmp_path_factory.getbasetemp()
-    os.environ["BENTOML_HOME"] = str(base / "bentoml")  # the same store conftest points every test at
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     root = base / "niteru-packaged"
     marker = root / "packaged.json"

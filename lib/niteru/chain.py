@@ -52,7 +52,7 @@ CHAIN: tuple[Stage, ...] = (
     Stage("embed", "03_embed.ipynb", "niteru.embed:EmbedConfig", ("extract", "detect"), shardable=True, gpu=True),
     Stage("index", "04_index.ipynb", "niteru.index:IndexConfig", ("extract", "embed")),
     Stage("evaluate", "05_evaluate.ipynb", "niteru.evaluate:EvaluateConfig", ("extract", "embed", "index")),
-    Stage("package", "06_package.ipynb", "niteru.package:PackageConfig", ("extract", "embed", "index", "evaluate")),
+    Stage("package", "06_package.ipynb", "niteru.package:PackageConfig", ("extract", "detect", "embed", "index", "evaluate")),
 )
 STAGE_NAMES = tuple(s.name for s in CHAIN)
 

@@ -163,7 +163,7 @@ def serve_instructions(run_dir: Path) -> str:
         "",
         "Serve the search service (built bento, or from source with the same model):",
         f"  bentoml serve {tag} --port 3000",
-        f"  NITERU_MODEL_TAG={package['model_tag']} bentoml serve bentos/niteru_search --port 3000",
+        f"  NITERU_MODEL_TAG={package['model_tag']} bentoml serve --working-dir bentos/niteru_search --port 3000",
         "Query it:",
         "  curl -s -X POST http://127.0.0.1:3000/search_by_product -H 'Content-Type: application/json' "
         f"-d '{{\"product_id\": \"{product}\", \"k\": 5}}'",
