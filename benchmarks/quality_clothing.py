@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--aug-views", type=int, default=2)
-    ap.add_argument("--loss", default="supcon")
+    ap.add_argument("--loss", default="proxy")
     ap.add_argument("--skip-crops", action="store_true")
     ap.add_argument("--skip-head", action="store_true")
     args = ap.parse_args()

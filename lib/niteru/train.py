@@ -248,7 +248,7 @@ class TrainConfig(StageConfig):
     weights: str = Field("", description="backbone weights: '' = its default, a file or 'random'")
     resize: str = Field("pad", description="pad or squash, as the embed stage")
     aug_views: int = Field(2, ge=0, description="augmented views per training image (features cached)")
-    loss: Loss = Field("supcon", description="supcon, proxy or triplet")
+    loss: Loss = Field("proxy", description="supcon, proxy or triplet")
     out_dim: int = Field(128, ge=2, description="head output dimension")
     hidden_dim: int = Field(512, ge=0, description="head hidden width; 0 = linear head")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="head dropout")
