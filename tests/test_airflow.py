@@ -93,7 +93,7 @@ def test_dag_shape_follows_the_chain(airflow_home: dict[str, str], tmp_path: Pat
     assert up["detect.merge"] == {"detect.shard_0", "detect.shard_1"}
     assert up["embed.shard_2"] == {"init_run", "extract", "detect.merge"}
     assert up["index"] == {"init_run", "extract", "embed.merge"}
-    assert up["package"] == {"init_run", "extract", "embed.merge", "index", "evaluate"}
+    assert up["package"] == {"init_run", "extract", "detect.merge", "embed.merge", "index", "evaluate"}
     assert up["finalize_run"] == {"extract", "detect.merge", "embed.merge", "index", "evaluate", "package"}
     tasks = {t.task_id: t for t in dag.tasks}
     assert tasks["finalize_run"].trigger_rule == "all_done"
