@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_embed.py [--n 256] [--batch-size 64] [--workers -1] [--device cpu]
 
+The variants run interleaved in rounds so they see the same load on a shared machine; medians are reported.
 Images: an evenly spaced sample of ../shared/datasets/clothing-small (real 400x533 product photos), or
 generated JPEGs when the dataset is absent. Every variant embeds the same whole-image crops; the table gives
 images/s (decode + resize + forward) and the speed-up over the naive loop, and the script checks that all
@@ -109,11 +110,12 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=256, help="images per variant")
-    parser.add_argument("--naive-n", type=int, default=0, help="images for the naive loop (0: same as --n)")
+    parser.add_argument("--n", type=int, default=384, help="images per variant (split over the rounds)")
+    parser.add_argument("--naive-n", type=int, default=96, help="images for the naive loop (0: same as --n)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=-1, help="pipeline DataLoader workers (-1: auto)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     parser.add_argument("--out", default=str(RESULTS / "bench_embed.json"))
     args = parser.parse_args()
 
@@ -125,36 +127,52 @@ def main() -> None:
     naive(emb, warm[:2])
     batched(emb, warm, args.batch_size)
 
-    rows = []
-    v_naive, t = timed(naive, emb, naive_paths)
-    rows.append(("naive per-image loop", len(naive_paths), t))
-    v_batched, t = timed(batched, emb, paths, args.batch_size)
-    rows.append((f"batched (bs {args.batch_size}, inference_mode)", len(paths), t))
-
     fast = embed.build_embedder(device=args.device)
     pipeline(fast, warm, whole_boxes(warm), args.batch_size, 0)
-    workers = embed.resolve_workers(args.workers, len(paths), args.batch_size, fast.is_cuda)
-    v_pipe, t = timed(pipeline, fast, paths, boxes, args.batch_size, args.workers)
-    rows.append((f"pipeline ({workers} workers, fused BN, channels_last)", len(paths), t))
+    workers = embed.resolve_workers(args.workers, len(paths) // args.rounds, args.batch_size, fast.is_cuda)
+    names = ["naive per-image loop", f"batched (bs {args.batch_size}, inference_mode)",
+             f"pipeline ({workers} workers, fused BN, channels_last)"]
+    # The variants run interleaved, round by round, so that all of them see the same machine load
+    # (shared CI/dev machines); each round uses different images. Reported: medians over the rounds.
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    counts = {name: 0 for name in names}
+    seconds = {name: 0.0 for name in names}
+    vecs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        part = paths[r::args.rounds]
+        naive_part = naive_paths[r::args.rounds]
+        runs = [(names[0], naive, (emb, naive_part), len(naive_part)),
+                (names[1], batched, (emb, part, args.batch_size), len(part)),
+                (names[2], pipeline, (fast, part, whole_boxes(part), args.batch_size, args.workers), len(part))]
+        for name, fn, fn_args, n in runs:
+            out, t = timed(fn, *fn_args)
+            rates[name].append(n / t)
+            counts[name] += n
+            seconds[name] += t
+            vecs[name].append(out[: len(naive_part)])
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{rates[k][-1]:.1f}" for k in names) + " img/s", flush=True)
 
-    base_rate = rows[0][1] / rows[0][2]
+    base = float(np.median(rates[names[0]]))
     print(f"\nEfficientNet-Lite0 (shipped ImageNet weights), {source}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
-          f"load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'variant':<55} {'images':>7} {'seconds':>8} {'img/s':>8} {'speed-up':>9}")
+          f"load avg {os.getloadavg()[0]:.1f}, {args.rounds} interleaved rounds")
+    print(f"{'variant':<55} {'images':>7} {'seconds':>8} {'img/s (median)':>15} {'speed-up':>9}")
     results = []
-    for name, n, seconds in rows:
-        rate = n / seconds
-        print(f"{name:<55} {n:>7} {seconds:>8.2f} {rate:>8.1f} {rate / base_rate:>8.2f}x")
-        results.append({"variant": name, "images": n, "seconds": round(seconds, 3), "images_per_s": round(rate, 2),
-                        "speedup_vs_naive": round(rate / base_rate, 2)})
-    agreement = {"naive_vs_batched": cosine_min(v_naive, v_batched[: len(v_naive)]),
-                 "naive_vs_pipeline": cosine_min(v_naive, v_pipe[: len(v_naive)])}
+    for name in names:
+        rate = float(np.median(rates[name]))
+        ratio = float(np.median([a / b for a, b in zip(rates[name], rates[names[0]])]))
+        print(f"{name:<55} {counts[name]:>7} {seconds[name]:>8.2f} {rate:>15.1f} {ratio:>8.2f}x")
+        results.append({"variant": name, "images": counts[name], "seconds": round(seconds[name], 3),
+                        "images_per_s_median": round(rate, 2), "images_per_s_rounds": [round(x, 2) for x in rates[name]],
+                        "speedup_vs_naive_median": round(ratio, 2)})
+    v_naive = np.concatenate(vecs[names[0]])
+    agreement = {"naive_vs_batched": cosine_min(v_naive, np.concatenate(vecs[names[1]])),
+                 "naive_vs_pipeline": cosine_min(v_naive, np.concatenate(vecs[names[2]]))}
     print("min cosine between variants' vectors:", {k: round(v, 5) for k, v in agreement.items()})
     payload = {"benchmark": "embed", "source": source, "device": args.device, "batch_size": args.batch_size,
                "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-               "load_avg_1m": os.getloadavg()[0], "machine": platform.machine(), "results": results,
-               "min_cosine": agreement}
+               "load_avg_1m": os.getloadavg()[0], "machine": platform.machine(), "rounds": args.rounds,
+               "results": results, "min_cosine": agreement, "naive_images_per_s_median": base}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
