@@ -19,7 +19,6 @@ variants produce the same vectors (cosine). Results: benchmarks/results/bench_em
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from niteru.io import write_json_atomic
 from niteru import embed
 from niteru.images import load_rgb
 
@@ -120,7 +120,6 @@ def main() -> None:
     args = parser.parse_args()
 
     paths, source = sample_images(args.n)
-    boxes = whole_boxes(paths)
     emb = embed.build_embedder(device="cpu")
     naive_paths = paths[: args.naive_n or len(paths)]
     warm = paths[: min(8, len(paths))]
@@ -173,9 +172,7 @@ def main() -> None:
                "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "load_avg_1m": os.getloadavg()[0], "machine": platform.machine(), "rounds": args.rounds,
                "results": results, "min_cosine": agreement, "naive_images_per_s_median": base}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out = write_json_atomic(Path(args.out), payload)
     print(f"wrote {out}")
 
 

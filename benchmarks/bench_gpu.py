@@ -18,7 +18,6 @@ and checks that GPU vectors agree with the CPU fp32 path (cosine). Prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from niteru.io import write_json_atomic
 from niteru import embed
 from niteru.detect import SaliencyDetector, saliency_boxes
 
@@ -174,9 +174,7 @@ def main() -> None:
                "workers": args.workers, "passes": args.passes, "cpu_count": os.cpu_count(), "results": results,
                "e2e_phases_s": phases,
                "gpu_vs_cpu_cosine": {"min": float(cosine.min()), "mean": float(cosine.mean())}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    out = write_json_atomic(Path(args.out), payload)
     print(f"wrote {out}")
 
 

@@ -297,7 +297,7 @@ def run_real(args: argparse.Namespace) -> None:
     print(f"smallest search_k with recall@10 >= {pca['target']}: {pca['search_k_needed']}")
     real["pca"] = {"dim": args.pca, **pca}
     quality = label_quality(vectors, labels, args.seed)
-    print(f"\nembedding quality (exact neighbours, 500 queries, same category = relevant):")
+    print("\nembedding quality (exact neighbours, 500 queries, same category = relevant):")
     print(table(quality, ["category", "n_products", "n_queries", f"precision@{K}", f"map@{K}"]))
     real["label_quality"] = quality
     out["clothing_small"] = real

@@ -20,15 +20,14 @@ second run takes seconds. Results: benchmarks/results/quality_clothing.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
+from niteru.io import write_json_atomic
 from niteru import detect, train
 from niteru.embed import build_embedder
 from niteru.images import load_rgb
@@ -114,7 +113,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"dataset": args.data, "k": args.k, "rows": rows, **extra, "embedder": embedder.feature_model_id,
            "device": embedder.device, "machine": platform.platform(), "python": platform.python_version()}
-    (RESULTS / "quality_clothing.json").write_text(json.dumps(out, indent=2, default=str))
+    write_json_atomic(RESULTS / "quality_clothing.json", out)
     print(f"\nwrote {RESULTS / 'quality_clothing.json'}")
 
 

@@ -640,8 +640,6 @@ def detect_images(detector: Detector, paths: dict[str, str], batch_size: int, nu
 
 def run(cfg: DetectConfig) -> DetectResult:
     """Detect products in this shard's catalog images and write ``boxes.parquet`` + ``detector.json``."""
-    import pandas as pd
-
     t0 = time.perf_counter()
     rows = read_catalog_images(cfg)
     detector = load_detector(cfg.detector_spec(), device=cfg.resolved_device())
