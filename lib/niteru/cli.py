@@ -152,22 +152,27 @@ def demo(products: int, variants: int, runs_root: str, run_id: str | None, assig
 
 def serve_instructions(run_dir: Path) -> str:
     """How to serve the bento a run built, with working curl examples."""
+    import mimetypes
+
     import pandas as pd
 
     package = json.loads((run_dir / "package" / "package.json").read_text())
     idmap = pd.read_parquet(run_dir / "index" / "idmap.parquet")
-    product = str(idmap["product_id"].iloc[0])
-    image = str(idmap["image_path"].iloc[0]) if "image_path" in idmap else "<photo.jpg>"
+    first = idmap.iloc[0]
+    product = str(first["product_id"])
+    uri = str(first.get("image_uri", ""))
+    image = uri if Path(uri).is_file() else str(first.get("image_path", "<photo.jpg>"))
+    content_type = mimetypes.guess_type(uri)[0] or "image/jpeg"
     tag = package["bento_tag"]
     return "\n".join([
         "",
-        "Serve the search service (built bento, or from source with the same model):",
+        "Serve the search service (from the repository root, after `source .venv/bin/activate`):",
         f"  bentoml serve {tag} --port 3000",
-        f"  NITERU_MODEL_TAG={package['model_tag']} bentoml serve --working-dir bentos/niteru_search --port 3000",
-        "Query it:",
+        f"  # or from source: NITERU_MODEL_TAG={package['model_tag']} bentoml serve --working-dir bentos/niteru_search --port 3000",
+        "Query it from another shell:",
         "  curl -s -X POST http://127.0.0.1:3000/search_by_product -H 'Content-Type: application/json' "
         f"-d '{{\"product_id\": \"{product}\", \"k\": 5}}'",
-        f"  curl -s -X POST http://127.0.0.1:3000/search_by_image -F 'image=@{image}' -F k=5",
+        f"  curl -s -X POST http://127.0.0.1:3000/search_by_image -F 'image=@{image};type={content_type}' -F k=5",
         "",
     ])
 
