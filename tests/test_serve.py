@@ -83,3 +83,62 @@ def test_serve_from_source_folder(packaged: dict[str, Any], tmp_path: Path) -> N
         assert info["model_tag"] == packaged["model_tag"] and info["batching"] is False
     finally:
         package.stop_server(proc)
+
+
+def test_rolling_swap_loses_no_requests(packaged: dict[str, Any], tmp_path: Path) -> None:
+    """docs/serving.md's swap: start the new server, wait ready, switch traffic, SIGTERM the old one while
+    requests are still in flight on it. Every request must succeed (loopback only, bounded)."""
+    import threading
+    import time
+
+    catalog = pd.read_parquet(Path(packaged["model_path"]) / "index" / "idmap.parquet")
+    jpeg = Path(catalog["image_path"].iat[1]).read_bytes()
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+    old_proc, old_url = serve(".", tmp_path / "old", cwd=BENTO_DIR, NITERU_MODEL_TAG=packaged["model_tag"])
+    target = {"url": old_url}
+    codes: list[tuple[str, int]] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            deadline = time.monotonic() + 180
+            for n in range(5000):  # bounded in count and time; runs until the swap is done
+                if stop.is_set() or time.monotonic() > deadline:
+                    return
+                url = target["url"]
+                try:
+                    if (i + n) % 2:
+                        resp = client.post(f"{url}/search_by_image", files={"image": ("q.jpg", jpeg, "image/jpeg")},
+                                           data={"k": "5"})
+                    else:
+                        resp = client.post(f"{url}/search_by_product", json={"product_id": catalog["product_id"].iat[n % len(catalog)], "k": 5})
+                    code = resp.status_code
+                except httpx.HTTPError as exc:
+                    code = -1
+                    print("request error", type(exc).__name__, exc)
+                with lock:
+                    codes.append((url, code))
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    new_proc = None
+    try:
+        time.sleep(2.0)
+        new_proc, new_url = serve(".", tmp_path / "new", cwd=BENTO_DIR, NITERU_MODEL_TAG=packaged["model_tag"])
+        target["url"] = new_url  # the load balancer switches; requests already sent to the old server are in flight
+        assert package.stop_server(old_proc) is not None  # SIGTERM: finish in-flight requests, then exit
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        if new_proc is not None:
+            package.stop_server(new_proc)
+        package.stop_server(old_proc)
+    on_old = [c for u, c in codes if u == old_url]
+    on_new = [c for u, c in codes if u != old_url]
+    assert on_old and on_new, (len(on_old), len(on_new))
+    assert all(c == 200 for _, c in codes), sorted({c for _, c in codes})
