@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -92,3 +93,14 @@ def test_resume_of_a_finished_run_recomputes_nothing(two_days):
     assert again.ok
     assert {n: e["ended_at"] for n, e in again.manifest["stages"].items()} == before
     assert all(e["reused"] >= 1 for e in again.manifest["stages"].values())
+
+
+def test_serve_instructions_name_the_built_bento_and_a_real_photo(two_days):
+    from niteru.cli import serve_instructions
+
+    _, day1, _ = two_days
+    text = serve_instructions(day1.run_dir)
+    package = json.loads((day1.run_dir / "package" / "package.json").read_text())
+    assert f"bentoml serve {package['bento_tag']}" in text
+    photo = text.split("image=@", 1)[1].split(";type=", 1)[0]
+    assert photo.endswith(".jpg") and Path(photo).is_file()
