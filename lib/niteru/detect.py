@@ -43,7 +43,7 @@ from niteru.config import StageConfig
 from niteru.errors import BadImageError, ConfigError, SchemaError
 from niteru.io import read_json, sha256_file, write_json_atomic, write_parquet_atomic
 from niteru.runs import write_stage_summary
-from niteru.shards import in_shard, list_shard_dirs, shard_dir
+from niteru.shards import in_shard, read_shard_records, shard_dir
 
 if TYPE_CHECKING:  # heavy imports stay deferred
     import pandas as pd
@@ -718,11 +718,7 @@ def merge_shards(cfg: DetectConfig) -> DetectResult:
     import pandas as pd
 
     stage = cfg.stage_dir()
-    dirs = list_shard_dirs(stage, cfg.num_shards)
-    records = [read_json(d / DETECTOR_FILE) for d in dirs]
-    ids = {r["detector_id"] for r in records}
-    if len(ids) != 1:
-        raise ConfigError(f"cannot merge detect shards made by different detectors: {sorted(ids)}")
+    dirs, records = read_shard_records(stage, cfg.num_shards, DETECTOR_FILE, "detector_id")
     frames = [pd.read_parquet(d / BOXES_FILE) for d in dirs]
     boxes = pd.concat(frames, ignore_index=True).sort_values(["product_id", "crop_index"], kind="stable")
     boxes = boxes.reset_index(drop=True)

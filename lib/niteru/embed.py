@@ -660,14 +660,10 @@ def merge_shards(cfg: EmbedConfig) -> EmbedResult:
     Deterministic: the result is byte-identical to an unsharded run over the same items.
     """
     from niteru.runs import read_stage_summary
-    from niteru.shards import list_shard_dirs
+    from niteru.shards import read_shard_records
 
     stage_dir = cfg.stage_dir()
-    dirs = list_shard_dirs(stage_dir, cfg.num_shards)
-    configs = [read_json(d / SHARD_FEATURES_JSON) for d in dirs]
-    ids = {c["feature_model_id"] for c in configs}
-    if len(ids) != 1:
-        raise ConfigError(f"cannot merge {stage_dir}: shards were embedded with different models {sorted(ids)}")
+    dirs, configs = read_shard_records(stage_dir, cfg.num_shards, SHARD_FEATURES_JSON, "feature_model_id")
     items = pd.concat([pd.read_parquet(d / "items.parquet") for d in dirs], ignore_index=True)
     raw = np.concatenate([np.load(d / SHARD_FEATURES) for d in dirs])
     order = np.lexsort((items["crop_index"].to_numpy(), items["product_id"].to_numpy()))

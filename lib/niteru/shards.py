@@ -51,3 +51,18 @@ def list_shard_dirs(stage_dir: Path, num_shards: int) -> list[Path]:
     if missing:
         raise ConfigError(f"cannot merge {stage_dir.name}: shard(s) {missing} are missing or incomplete in {stage_dir / SHARDS_DIR}")
     return dirs
+
+
+def read_shard_records(stage_dir: Path, num_shards: int, record_file: str, id_key: str) -> tuple[list[Path], list[dict]]:
+    """The shard folders of a stage and each shard's JSON record (which model/detector made it).
+
+    Shards made by different models cannot be merged: that is a clear error naming the ids.
+    """
+    from niteru.io import read_json
+
+    dirs = list_shard_dirs(stage_dir, num_shards)
+    records = [read_json(d / record_file) for d in dirs]
+    ids = sorted({str(r[id_key]) for r in records})
+    if len(ids) != 1:
+        raise ConfigError(f"cannot merge {stage_dir.name} shards made by different models ({id_key}): {ids}")
+    return dirs, records
