@@ -249,7 +249,7 @@ class ChainRunner:
         }
 
     def _stage_is_reusable(self, run_dir: Path, entry: dict[str, Any], stage: Stage) -> bool:
-        if entry.get("status") not in (runs.STATUS_SUCCEEDED, runs.STATUS_SKIPPED):
+        if entry.get("status") != runs.STATUS_SUCCEEDED:
             return False
         recorded = entry.get("artifacts") or {}
         current = runs.checksum_tree(run_dir / stage.name)

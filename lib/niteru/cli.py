@@ -80,10 +80,7 @@ def _runner(runs_root: str, log_output: bool = False):
 
 
 def _report(result) -> None:
-    from niteru.runs import RunInfo
-
-    info = RunInfo.from_manifest(result.run_dir, result.manifest)
-    click.echo(f"run {result.run_id}: {result.status} in {info.duration_s}s -> {result.run_dir}")
+    click.echo(f"run {result.run_id}: {result.status} in {result.manifest.get('duration_s')}s -> {result.run_dir}")
     for name, stage in result.manifest["stages"].items():
         reused = " (reused)" if stage.get("reused") else ""
         click.echo(f"  {name:<9} {stage['status']:<10} {stage.get('duration_s', '-')!s:>8}s{reused}")

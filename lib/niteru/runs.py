@@ -36,7 +36,6 @@ STATUS_PENDING = "pending"
 STATUS_RUNNING = "running"
 STATUS_SUCCEEDED = "succeeded"
 STATUS_FAILED = "failed"
-STATUS_SKIPPED = "skipped"
 
 
 def utcnow() -> dt.datetime:

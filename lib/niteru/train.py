@@ -177,14 +177,11 @@ def _chunk_features(embedder: "Embedder", paths: list[str], shas: list[str],
 
 
 # ========================================================================================== metrics
-def l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def precision_at_k(vectors: np.ndarray, labels: "np.ndarray | list[str]", k: int = 10, batch: int = 1024) -> float:
     """Leave-one-out category precision@k with cosine kNN (exact, batched matmul)."""
-    v = l2n(vectors)
+    from niteru.embed import l2_normalize
+
+    v = l2_normalize(vectors)
     labels = np.asarray(labels)
     n = len(v)
     if n <= k:
