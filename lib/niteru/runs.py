@@ -125,6 +125,7 @@ class RunInfo:
     duration_s: float | None
     source: str | None
     metrics: dict[str, Any]
+    stage_status: dict[str, str]
 
     @classmethod
     def from_manifest(cls, path: Path, manifest: dict[str, Any]) -> "RunInfo":
@@ -137,6 +138,7 @@ class RunInfo:
             run_id=manifest.get("run_id", path.name), path=path, status=manifest.get("status", "unknown"),
             started_at=manifest.get("started_at"), ended_at=manifest.get("ended_at"),
             duration_s=manifest.get("duration_s"), source=manifest.get("source"), metrics=metrics,
+            stage_status={name: stage.get("status", "") for name, stage in manifest.get("stages", {}).items()},
         )
 
 
@@ -176,9 +178,6 @@ def previous_successful_run(run_dir: str | os.PathLike[str], source: str | None 
             continue
         if source is not None and info.source not in (None, source):
             continue
-        ok = info.status == STATUS_SUCCEEDED
-        if not ok and stage is not None:
-            ok = load_manifest(info.path).get("stages", {}).get(stage, {}).get("status") == STATUS_SUCCEEDED
-        if ok:
+        if info.status == STATUS_SUCCEEDED or (stage is not None and info.stage_status.get(stage) == STATUS_SUCCEEDED):
             best = info  # list_runs is oldest first
     return best.path if best else None
