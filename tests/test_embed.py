@@ -67,23 +67,42 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedder() -> embed.Embedder:
-    return embed.build_embedder(device="cpu")  # the default: EfficientNet-Lite0 with the shipped ImageNet weights
+    # the default: EfficientNet-Lite0 with the shipped ImageNet weights, on the default CPU runtime (OpenVINO)
+    return embed.build_embedder(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def torch_embedder() -> embed.Embedder:
+    return embed.build_embedder(device="cpu", runtime="torch")
 
 
 class ForwardCounter:
-    """Counts images that really go through the network (a forward pre-hook on the real model)."""
+    """Counts images that really go through the model: a forward pre-hook on the torch network, or, on the
+    OpenVINO runtime, every batch submitted to the compiled model's infer requests."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, embedder: embed.Embedder):
         self.calls = 0
         self.images = 0
-        self.handle = module.register_forward_pre_hook(self._hook)
+        if embedder.runtime == "openvino":
+            net = embedder.openvino_network()
+            submit = net.start
 
-    def _hook(self, _module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            def counted(request: object, batch: np.ndarray) -> None:
+                self._count(len(batch))
+                submit(request, batch)
+
+            net.start = counted
+            self._close = lambda: delattr(net, "start")
+        else:
+            handle = embedder.network.register_forward_pre_hook(lambda _m, args: self._count(int(args[0].shape[0])))
+            self._close = handle.remove
+
+    def _count(self, n: int) -> None:
         self.calls += 1
-        self.images += int(args[0].shape[0])
+        self.images += n
 
     def close(self) -> None:
-        self.handle.remove()
+        self._close()
 
 
 def _cfg(run_dir: Path, cache: Path, **kw: object) -> EmbedConfig:
@@ -94,15 +113,18 @@ def _vectors(run_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     return np.load(run_dir / "embed" / "vectors.npy"), pd.read_parquet(run_dir / "embed" / "items.parquet")
 
 
-def test_rerun_embeds_nothing_and_a_changed_image_only_that_one(tmp_path: Path, demo: Path,
-                                                                 embedder: embed.Embedder) -> None:
+@pytest.mark.parametrize("runtime", ["openvino", "torch"])
+def test_rerun_embeds_nothing_and_a_changed_image_only_that_one(tmp_path: Path, demo: Path, runtime: str,
+                                                                 request: pytest.FixtureRequest) -> None:
+    embedder = request.getfixturevalue("embedder" if runtime == "openvino" else "torch_embedder")
+    assert embedder.runtime == runtime
     cache = tmp_path / "_cache"
     run1, run2, run3 = tmp_path / "r1", tmp_path / "r2", tmp_path / "r3"
     catalog = _make_upstream(run1, demo)
     n_items = len(pd.read_parquet(run1 / "detect" / "boxes.parquet"))
     assert n_items == 15
 
-    counter = ForwardCounter(embedder.network)
+    counter = ForwardCounter(embedder)
     try:
         first = embed.run(_cfg(run1, cache), embedder=embedder, progress=False)
         assert (counter.images, first.counts["embedded"], first.counts["from_store"]) == (15, 15, 0)
@@ -198,7 +220,7 @@ def test_duplicate_crops_are_embedded_once(tmp_path: Path, demo: Path, embedder:
     boxes = _boxes(catalog)
     dup = boxes[boxes["crop_index"] == 0].iloc[[0]].assign(crop_index=7)  # same image and box again
     _write_stage(run / "detect", "boxes.parquet", pd.concat([boxes, dup], ignore_index=True))
-    counter = ForwardCounter(embedder.network)
+    counter = ForwardCounter(embedder)
     try:
         result = embed.run(_cfg(run, tmp_path / "_cache"), embedder=embedder, progress=False)
     finally:

@@ -17,8 +17,8 @@ Bad input answers 4xx with ``{"error": message, "code": code}``: never a 500.
 Environment: ``NITERU_MODEL_TAG`` (default ``niteru:latest``), ``NITERU_AVAILABILITY`` (Parquet with
 product_id, in_stock[, price, removed]; reloaded when its mtime changes; default: the packaged
 snapshot), ``NITERU_BATCHING`` (1/0), ``NITERU_CACHE_SIZE`` (LRU entries, 0 = off),
-``NITERU_REDIS_URL`` (shared response cache), ``NITERU_DEVICE``, ``NITERU_MAX_UPLOAD_MB``,
-``NITERU_MAX_PIXELS``, ``NITERU_MAX_ITEMS``, ``NITERU_TORCH_THREADS``, ``NITERU_CPU_SLOTS`` (concurrent
+``NITERU_REDIS_URL`` (shared response cache), ``NITERU_DEVICE``, ``NITERU_RUNTIME`` (CPU inference:
+auto/torch/openvino), ``NITERU_MAX_UPLOAD_MB``, ``NITERU_MAX_PIXELS``, ``NITERU_MAX_ITEMS``, ``NITERU_TORCH_THREADS``, ``NITERU_CPU_SLOTS`` (concurrent
 CPU-heavy steps, default 1), ``NITERU_BATCH_MAX_LATENCY_MS``, ``NITERU_WORKERS`` (server processes, default 1).
 """
 
@@ -239,11 +239,13 @@ class NiteruSearch:
         torch.set_num_threads(threads)
         stored = self.model
         self.model_tag = str(stored.tag)
-        self.bundle = load_bundle(stored.path, device=os.environ.get("NITERU_DEVICE", "cpu"))
+        self.bundle = load_bundle(stored.path, device=os.environ.get("NITERU_DEVICE", "cpu"),
+                                  runtime=os.environ.get("NITERU_RUNTIME", "auto"))
         source = os.environ.get("NITERU_AVAILABILITY") or str(self.bundle.availability_path)
         self.availability = Availability.from_parquet(source, complete=True, check_interval_s=1.0)
         self.engine = SearchEngine(self.bundle.index, self.availability)
         self.engine.warm()
+        self.bundle.embedder.warmup()  # compile the inference runtime now, not on the first image query
         self.search_k = self.bundle.manifest.get("search_k")
         self.batching = _env_flag("NITERU_BATCHING", True)
         self.cache = make_cache()

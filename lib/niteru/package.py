@@ -310,7 +310,8 @@ class Bundle:
         return self.path / AVAILABILITY_FILE
 
 
-def load_bundle(model_dir: str | os.PathLike[str], device: str = "cpu", verify: bool = True) -> Bundle:
+def load_bundle(model_dir: str | os.PathLike[str], device: str = "cpu", verify: bool = True,
+                runtime: str = "auto") -> Bundle:
     """Rebuild the service's components from a packaged model folder (see the module docstring)."""
     import torch
 
@@ -329,7 +330,7 @@ def load_bundle(model_dir: str | os.PathLike[str], device: str = "cpu", verify: 
         if bad:
             raise ConfigError(f"model {folder} is corrupt: {bad} do not match the manifest's sha256; re-package")
     state = torch.load(folder / EMBEDDER_STATE, map_location="cpu", weights_only=True)
-    embedder = Embedder.from_export(read_json(folder / EMBEDDER_CONFIG), state, device=device)
+    embedder = Embedder.from_export(read_json(folder / EMBEDDER_CONFIG), state, device=device, runtime=runtime)
     record = read_json(folder / DETECTOR_FILE)
     spec = dict(record["spec"])
     if spec.get("weights") == DETECTOR_WEIGHTS:
