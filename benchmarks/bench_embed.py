@@ -1,6 +1,6 @@
 """Embedding throughput of the default backbone: naive per-image loop vs the batched pipeline, same run.
 
-    .venv/bin/python benchmarks/bench_embed.py [--n 256] [--batch-size 64] [--workers -1] [--device cpu]
+    .venv/bin/python benchmarks/bench_embed.py [--n 600] [--batch-size 64] [--workers -1] [--device cpu] [--runtime auto]
 
 The variants run interleaved in rounds so they see the same load on a shared machine; medians are reported.
 Images: an evenly spaced sample of ../shared/datasets/clothing-small (real 400x533 product photos), or
@@ -115,7 +115,7 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=384, help="images per variant (split over the rounds)")
+    parser.add_argument("--n", type=int, default=600, help="images per variant (split over the rounds)")
     parser.add_argument("--naive-n", type=int, default=96, help="images for the naive loop (0: same as --n)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--runtime", default="auto", help="runtime of the last pipeline row: auto, torch, openvino")

@@ -93,17 +93,13 @@ def clamp_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
 
 
 def prepare_pil(img: Image.Image, box: Sequence[float] | None, size: int, mode: str) -> np.ndarray:
-    """Crop ``box`` (pixels of ``img``), resize and pad: uint8 ``[size, size, 3]``."""
-    img = to_rgb(img)
-    if box is not None:
-        img = img.crop(clamp_box(box, *img.size))
-    new_w, new_h = target_size(img.width, img.height, size, mode)
-    img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-    if (new_w, new_h) != (size, size):
-        canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
-        canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
-        img = canvas
-    return np.asarray(img)
+    """Crop ``box`` (pixels of ``img``), resize and pad: uint8 ``[size, size, 3]``.
+
+    The one preprocessing of query photos and catalog crops alike: :func:`prepare_tensor` on the image's pixels
+    (torch's uint8 antialiased bilinear kernel, which reproduces PIL's ``BILINEAR`` resize within one grey level).
+    """
+    chw = torch.from_numpy(np.array(to_rgb(img))).permute(2, 0, 1)
+    return prepare_tensor(chw, box, size, mode).permute(1, 2, 0).numpy()
 
 
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -111,13 +107,15 @@ DRAFT_OVERSAMPLE = 2.0  # reduced-scale JPEG decode keeps the crop >= 2x the mod
 DRAFT_MAX_SCALE = 0.5  # libjpeg scales by 1/2, 1/4, 1/8
 
 
-def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int, mode: str,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode one image file and return its ``box`` crop (pixels of the EXIF-transposed image) ready for the model.
+def decode_crop_chw(path: str | os.PathLike[str], box: Sequence[float], size: int, mode: str,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode one image file and return its ``box`` crop (pixels of the EXIF-transposed image) ready for the model:
+    uint8 CHW ``[3, size, size]``.
 
     Big JPEGs are decoded at a reduced scale (libjpeg DCT scaling, ``Image.draft``) that keeps the crop at least
     :data:`DRAFT_OVERSAMPLE` times the model input, so the final antialiased resize still dominates: nearly the same
-    pixels, a fraction of the decode time for multi-megapixel photos.
+    pixels, a fraction of the decode time for multi-megapixel photos. Crop, resize and pad are :func:`prepare_tensor`
+    (what :func:`prepare_pil` applies to query photos); its uint8 kernel is ~4x faster than PIL's resize.
     """
     try:
         img = Image.open(path)
@@ -131,15 +129,24 @@ def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int, m
         if need <= DRAFT_MAX_SCALE / DRAFT_OVERSAMPLE and img.format == "JPEG":
             scale = need * DRAFT_OVERSAMPLE
             img.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
-        img = ImageOps.exif_transpose(img)
-        img.load()
+        if orientation in range(2, 9):
+            img = ImageOps.exif_transpose(img)  # (a copy; skipped for the common upright photo)
+        img = to_rgb(img)
+        pixels = np.array(img)  # writable (torch.from_numpy shares it)
     except BadImageError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"cannot decode image {path}: {exc}") from None
     sx, sy = img.width / full_w, img.height / full_h
     scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    return prepare_pil(img, scaled, size, mode)
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)  # a view: channels-last strides, what the uint8 kernel wants
+    return prepare_tensor(chw, scaled, size, mode)
+
+
+def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int, mode: str,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`decode_crop_chw` as a uint8 HWC array (the layout of :func:`prepare_pil`)."""
+    return decode_crop_chw(path, box, size, mode, max_pixels).permute(1, 2, 0).numpy()
 
 
 def _to_chw(array: np.ndarray) -> torch.Tensor:
@@ -167,7 +174,7 @@ class CropDataset(torch.utils.data.Dataset):
                 except (OSError, SyntaxError, ValueError) as exc:
                     raise BadImageError(f"cannot read image header of {path}: {exc}") from None
                 return ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), box, int(orientation))
-        return ("pixels", _to_chw(decode_crop(path, box, self.size, self.mode)), box, 1)
+        return ("pixels", decode_crop_chw(path, box, self.size, self.mode), box, 1)
 
 
 def _collate(samples: list[Any]) -> Any:
@@ -196,18 +203,28 @@ def orient_chw(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def prepare_tensor(image: torch.Tensor, box: Sequence[float] | None, size: int, mode: str) -> torch.Tensor:
-    """Tensor twin of :func:`prepare_pil` (crop, antialiased bilinear resize, white pad), uint8 CHW in and out."""
+    """Crop, antialiased bilinear resize and white pad of a uint8 CHW image: the crop preprocessing everywhere.
+
+    uint8 CPU tensors use torch's uint8 antialiased kernel directly (it reproduces PIL's ``BILINEAR`` filter within
+    one grey level); other devices (the CUDA/nvjpeg path) resize in float and round.
+    """
     _, height, width = image.shape
     if box is not None:
         x0, y0, x1, y1 = clamp_box(box, width, height)
         image = image[:, y0:y1, x0:x1]
     new_w, new_h = target_size(image.shape[2], image.shape[1], size, mode)
-    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
-                            align_corners=False)[0]
-    if (new_w, new_h) != (size, size):
-        left, top = (size - new_w) // 2, (size - new_h) // 2
-        resized = F.pad(resized, (left, size - new_w - left, top, size - new_h - top), value=float(PAD_VALUE))
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
+    if image.dtype == torch.uint8 and image.device.type == "cpu":
+        resized = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True,
+                                align_corners=False)[0]
+    else:
+        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+    if (new_w, new_h) == (size, size):
+        return resized.contiguous()
+    out = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8, device=resized.device)
+    left, top = (size - new_w) // 2, (size - new_h) // 2
+    out[:, top:top + new_h, left:left + new_w] = resized
+    return out
 
 
 def gpu_batch(samples: list[Any], size: int, mode: str, device: str) -> torch.Tensor:
@@ -466,7 +483,7 @@ class Embedder:
         boxes = np.asarray(boxes, dtype=np.float64)
 
         def load(i: int) -> np.ndarray:
-            return decode_crop(paths[i], tuple(boxes[i]), self.input_size, self.resize).transpose(2, 0, 1)
+            return decode_crop_chw(paths[i], tuple(boxes[i]), self.input_size, self.resize).numpy()
 
         batches = threaded_batches(load, n, batch_size, threads, prefetch=2 * threads + net.n_requests)
         start = 0
