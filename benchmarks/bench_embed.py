@@ -1,6 +1,6 @@
 """Embedding throughput of the default backbone: naive per-image loop vs the batched pipeline, same run.
 
-    .venv/bin/python benchmarks/bench_embed.py [--n 600] [--batch-size 64] [--workers -1] [--device cpu] [--runtime auto]
+    .venv/bin/python benchmarks/bench_embed.py [--n 1000] [--rounds 5] [--batch-size 64] [--workers -1] [--device cpu] [--runtime auto]
 
 The variants run interleaved in rounds so they see the same load on a shared machine; medians are reported.
 Images: an evenly spaced sample of ../shared/datasets/clothing-small (real 400x533 product photos), or
@@ -8,10 +8,12 @@ generated JPEGs when the dataset is absent. Every variant embeds the same whole-
 images/s (decode + resize + forward) and the speed-up over the naive loop, and the script checks that all
 variants produce the same vectors (cosine). Results: benchmarks/results/bench_embed.json.
 
-* naive: for each image ``load_rgb`` -> PIL resize/pad -> a batch of one through the unmodified model
-  under ``torch.no_grad`` (what a first notebook would do).
+* naive: for each image ``load_rgb`` -> PIL ``BILINEAR`` resize + white pad -> a batch of one through the
+  unmodified model under ``torch.no_grad`` (what a first notebook would do).
 * batched: the same per-image preprocessing in the main process, batches of ``--batch-size``,
   ``torch.inference_mode``, unmodified model in contiguous layout.
+* Both pipelines preprocess with :func:`niteru.embed.prepare_tensor` (torch's uint8 antialiased kernel, within one
+  grey level of PIL's resize and ~4x faster): part of what the pipeline rows measure.
 * pipeline (torch runtime): :meth:`niteru.embed.Embedder.iter_features` with ``runtime="torch"``: DataLoader decode
   workers (JPEG draft decode), batch-norm folded into the convolutions, ``channels_last``, ``inference_mode``
   (bf16 autocast and nvjpeg on CUDA).
@@ -72,12 +74,20 @@ def _normalise(emb: embed.Embedder, batch: torch.Tensor) -> torch.Tensor:
     return (batch.float() - mean) / std
 
 
+def pil_resize_pad(img: Image.Image, size: int, mode: str) -> np.ndarray:
+    """Resize with PIL's antialiased BILINEAR filter and pad with white: uint8 ``[size, size, 3]``."""
+    new_w, new_h = embed.target_size(img.width, img.height, size, mode)
+    canvas = Image.new("RGB", (size, size), (embed.PAD_VALUE,) * 3)
+    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None), ((size - new_w) // 2, (size - new_h) // 2))
+    return np.asarray(canvas)
+
+
 def naive(emb: embed.Embedder, paths: list[str]) -> np.ndarray:
     model = emb.backbone.module.to("cpu", memory_format=torch.contiguous_format).eval()
     out = []
     with torch.no_grad():
         for path in paths:
-            arr = embed.prepare_pil(load_rgb(path), None, emb.input_size, emb.resize)
+            arr = pil_resize_pad(load_rgb(path), emb.input_size, emb.resize)
             x = _normalise(emb, torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
             out.append(model(x).numpy())
     return np.concatenate(out)
@@ -88,8 +98,7 @@ def batched(emb: embed.Embedder, paths: list[str], batch_size: int) -> np.ndarra
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
-            arrays = [embed.prepare_pil(load_rgb(p), None, emb.input_size, emb.resize)
-                      for p in paths[start:start + batch_size]]
+            arrays = [pil_resize_pad(load_rgb(p), emb.input_size, emb.resize) for p in paths[start:start + batch_size]]
             x = _normalise(emb, torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrays]))
             out.append(model(x).numpy())
     return np.concatenate(out)
@@ -115,13 +124,13 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=600, help="images per variant (split over the rounds)")
-    parser.add_argument("--naive-n", type=int, default=96, help="images for the naive loop (0: same as --n)")
+    parser.add_argument("--n", type=int, default=1000, help="images per variant (split over the rounds)")
+    parser.add_argument("--naive-n", type=int, default=200, help="images for the naive loop (0: same as --n)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--runtime", default="auto", help="runtime of the last pipeline row: auto, torch, openvino")
     parser.add_argument("--workers", type=int, default=-1, help="pipeline DataLoader workers (-1: auto)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
     parser.add_argument("--out", default=str(RESULTS / "bench_embed.json"))
     args = parser.parse_args()
 

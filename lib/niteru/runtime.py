@@ -185,8 +185,9 @@ class OpenVinoNetwork:
 def threaded_batches(load: Any, n: int, batch_size: int, threads: int, prefetch: int) -> Iterator[np.ndarray]:
     """Batches ``np.stack([load(i) for i in batch])`` built by ``threads`` threads, in order, ``prefetch`` ahead.
 
-    PIL releases the GIL while it decodes and resizes, so threads overlap decoding with inference without
-    copying pixels between processes.
+    PIL (decode) and torch (crop/resize) release the GIL, so threads overlap decoding with inference without
+    copying pixels between processes. Each decode thread runs torch ops single-threaded (torch's OpenMP thread
+    count is per calling thread): the parallelism is across images, and the cores are shared with inference.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -195,7 +196,8 @@ def threaded_batches(load: Any, n: int, batch_size: int, threads: int, prefetch:
 
     starts = iter(range(0, n, batch_size))
     pending: collections.deque[Future[np.ndarray]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="niteru-decode") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="niteru-decode",
+                            initializer=torch.set_num_threads, initargs=(1,)) as pool:
         try:
             for start in starts:
                 pending.append(pool.submit(build, start))
