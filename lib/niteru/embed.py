@@ -19,7 +19,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -425,6 +425,16 @@ class Embedder:
                 feats = self.network(x)
             return feats.float().cpu().numpy()
 
+    def forward_stream(self, batches: Iterable[torch.Tensor | np.ndarray]) -> Iterator[np.ndarray]:
+        """Raw features of a stream of uint8 ``[B, 3, S, S]`` batches, in order. On OpenVINO several batches are in
+        flight at once (one per inference stream), so producing the next batch overlaps with inference."""
+        if self.runtime == "openvino":
+            yield from self.openvino_network().map(
+                b.cpu().numpy() if isinstance(b, torch.Tensor) else np.asarray(b) for b in batches)
+        else:
+            for batch in batches:
+                yield self.forward_uint8(torch.as_tensor(batch))
+
     def finish(self, features: np.ndarray) -> np.ndarray:
         """Raw features -> final vectors: projection (if any), then L2 normalisation."""
         out = self.projection.apply(features) if self.projection is not None else features
@@ -488,7 +498,7 @@ class Embedder:
         batches = threaded_batches(load, n, batch_size, threads, prefetch=2 * threads + net.n_requests)
         start = 0
         with tqdm(total=n, unit="img", desc="embed", disable=not progress, smoothing=0.1) as bar:
-            for feats in net.map(batches):
+            for feats in self.forward_stream(batches):
                 yield slice(start, start + len(feats)), feats
                 start += len(feats)
                 bar.update(len(feats))

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -161,15 +162,19 @@ def _chunk_features(embedder: "Embedder", paths: list[str], shas: list[str],
         return np.load(cache_file)
     size, resize, n = embedder.input_size, embedder.resize, len(paths)
     out: list[np.ndarray] = []
-    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        arrays = pool.map(_load_view, paths, shas, [view] * n, [seed] * n, [size] * n, [resize] * n, boxes)
+    def batches(arrays: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
         batch: list[np.ndarray] = []
         for i, arr in enumerate(arrays, start=1):
             batch.append(arr)
             if len(batch) == batch_size or i == n:
-                out.append(embedder.forward_uint8(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)))
-                bar.update(len(batch))
+                yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
                 batch = []
+
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        arrays = pool.map(_load_view, paths, shas, [view] * n, [seed] * n, [size] * n, [resize] * n, boxes)
+        for feats in embedder.forward_stream(batches(arrays)):
+            out.append(feats)
+            bar.update(len(feats))
     feats = np.concatenate(out).astype(np.float32)
     if cache_file is not None:
         write_npy_atomic(cache_file, feats)
