@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -110,8 +111,10 @@ def export_onnx(network: torch.nn.Module, input_size: int, mean: torch.Tensor, s
 class OpenVinoNetwork:
     """A torch network compiled for the OpenVINO CPU plugin (throughput mode, f32), with a pool of infer requests.
 
-    ``__call__`` runs one batch synchronously (thread-safe: each call borrows a request from the pool);
-    :meth:`map` streams batches through all requests asynchronously and yields results in input order.
+    ``__call__`` runs one batch synchronously, split across the inference streams when it holds several images;
+    :meth:`map` streams batches through all requests asynchronously and yields results in input order. Both are
+    thread-safe: requests are borrowed from a pool, and callers that need all of them take them one caller at a
+    time (no two callers can each hold part of the pool and wait for the rest).
     """
 
     def __init__(self, network: torch.nn.Module, input_size: int, mean: torch.Tensor, std: torch.Tensor,
@@ -130,6 +133,7 @@ class OpenVinoNetwork:
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
         self._pool: queue.Queue[Any] = queue.Queue()
+        self._gather = threading.Lock()
         for _ in range(self.n_requests):
             self._pool.put(self.compiled.create_infer_request())
         self.version = ov.get_version()
@@ -148,6 +152,9 @@ class OpenVinoNetwork:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check(batch)
+        parts = min(self.n_requests, len(batch))
+        if parts > 1:  # one chunk per stream: a multi-image request uses every core
+            return np.concatenate(list(self.map(np.array_split(batch, parts))))
         request = self._pool.get()
         try:
             self.start(request, batch)
@@ -158,7 +165,8 @@ class OpenVinoNetwork:
 
     def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Features of every batch, in order, with up to ``n_requests`` batches in flight."""
-        requests = [self._pool.get() for _ in range(self.n_requests)]
+        with self._gather:
+            requests = [self._pool.get() for _ in range(self.n_requests)]
         in_flight: collections.deque[Any] = collections.deque()
         try:
             free = list(requests)
