@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import nbformat
@@ -16,6 +14,8 @@ import pytest
 from niteru import alerts, runs
 from niteru.chain import ChainRunner, Stage
 from niteru.errors import ConfigError
+
+from loopback import LoopbackServer, QuietHandler
 
 
 class Receiver:
@@ -27,7 +27,7 @@ class Receiver:
         self.script: list[tuple[int, float]] = []
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 status, delay = receiver.script.pop(0) if receiver.script else (200, 0.0)
@@ -35,24 +35,15 @@ class Receiver:
                 receiver.bodies.append(json.loads(body))
                 time.sleep(delay)
                 try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "text/plain")
-                    self.end_headers()
-                    self.wfile.write(b"ok" if status == 200 else b"invalid_payload")
+                    self.send_body(status, b"ok" if status == 200 else b"invalid_payload", "text/plain")
                 except OSError:  # the client gave up (timeout test)
                     pass
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/services/T000/B000/secret"
+        self.server = LoopbackServer(Handler, "/services/T000/B000/secret").start()
+        self.url = self.server.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
 
 @pytest.fixture()

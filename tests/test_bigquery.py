@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +19,8 @@ import pytest
 
 from niteru.errors import ConfigError, SchemaError
 from niteru.sources import BigQuerySettings, CatalogQuery, read_catalog
+
+from loopback import LoopbackServer, QuietHandler
 
 BASE = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
 SCHEMA = [
@@ -55,9 +55,7 @@ class FakeBigQuery:
         self.queries: list[dict[str, Any]] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 self._dispatch("POST", body)
@@ -88,19 +86,10 @@ class FakeBigQuery:
                 self._send(200, payload)
 
             def _send(self, code: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_body(code, json.dumps(payload).encode(), "application/json")
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = LoopbackServer(Handler)
+        self.url = self.server.url
 
     # -------------------------------------------------------------- the API
     def insert_job(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -164,12 +153,11 @@ class FakeBigQuery:
         return str(value)
 
     def __enter__(self) -> "FakeBigQuery":
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
 
 @pytest.fixture()

@@ -9,7 +9,6 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from PIL import Image
 
 from niteru.fetch import FetchOptions, ImageCache, fetch_images, gcs_media_url, uri_scheme
 from niteru.io import sha256_bytes
+
+from loopback import LoopbackServer, QuietHandler
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -71,9 +72,7 @@ class ImageServer:
         self._lock = threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 path = self.path.split("?", 1)[0]
                 with server._lock:
@@ -98,38 +97,25 @@ class ImageServer:
                         fail = server.flaky_left > 0
                         server.flaky_left -= 1
                     if fail:
-                        return self._send(503, b"busy", "text/plain")
+                        return self.send_body(503, b"busy", "text/plain")
                     body, ctype = GOOD, "image/jpeg"
                 elif path in FILES:
                     body, ctype = FILES[path]
                 elif path == "/slow.jpg":
                     body, ctype = GOOD, "image/jpeg"
                 else:
-                    return self._send(404, b"not found", "text/plain")
-                self._send(200, body, ctype)
+                    return self.send_body(404, b"not found", "text/plain")
+                self.send_body(200, body, ctype)
 
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.server = LoopbackServer(Handler)
+        self.url = self.server.url
 
     def __enter__(self) -> "ImageServer":
-        self.thread.start()
+        self.server.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
 
 @pytest.fixture()
