@@ -74,20 +74,12 @@ def _normalise(emb: embed.Embedder, batch: torch.Tensor) -> torch.Tensor:
     return (batch.float() - mean) / std
 
 
-def pil_resize_pad(img: Image.Image, size: int, mode: str) -> np.ndarray:
-    """Resize with PIL's antialiased BILINEAR filter and pad with white: uint8 ``[size, size, 3]``."""
-    new_w, new_h = embed.target_size(img.width, img.height, size, mode)
-    canvas = Image.new("RGB", (size, size), (embed.PAD_VALUE,) * 3)
-    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None), ((size - new_w) // 2, (size - new_h) // 2))
-    return np.asarray(canvas)
-
-
 def naive(emb: embed.Embedder, paths: list[str]) -> np.ndarray:
     model = emb.backbone.module.to("cpu", memory_format=torch.contiguous_format).eval()
     out = []
     with torch.no_grad():
         for path in paths:
-            arr = pil_resize_pad(load_rgb(path), emb.input_size, emb.resize)
+            arr = embed.pil_resize_reference(load_rgb(path), None, emb.input_size, emb.resize)
             x = _normalise(emb, torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
             out.append(model(x).numpy())
     return np.concatenate(out)
@@ -98,7 +90,8 @@ def batched(emb: embed.Embedder, paths: list[str], batch_size: int) -> np.ndarra
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
-            arrays = [pil_resize_pad(load_rgb(p), emb.input_size, emb.resize) for p in paths[start:start + batch_size]]
+            arrays = [embed.pil_resize_reference(load_rgb(p), None, emb.input_size, emb.resize)
+                      for p in paths[start:start + batch_size]]
             x = _normalise(emb, torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrays]))
             out.append(model(x).numpy())
     return np.concatenate(out)

@@ -250,16 +250,6 @@ def test_gpu_style_decode_matches_the_cpu_path(tmp_path: Path) -> None:
             assert np.abs(cpu - tensor).mean() < 2.0, (orientation, mode)
 
 
-def _pil_resize_reference(img: Image.Image, box: tuple[float, ...], size: int, mode: str) -> np.ndarray:
-    """The same crop/resize/pad done with PIL's own BILINEAR (antialiased) resize."""
-    img = img.crop(embed.clamp_box(box, *img.size))
-    new_w, new_h = embed.target_size(img.width, img.height, size, mode)
-    canvas = Image.new("RGB", (size, size), (embed.PAD_VALUE,) * 3)
-    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None),
-                 ((size - new_w) // 2, (size - new_h) // 2))
-    return np.asarray(canvas).astype(np.int16)
-
-
 def test_tensor_preprocessing_reproduces_pil_resize(demo: Path, tmp_path: Path) -> None:
     photos = sorted((demo / "images").iterdir())[:4]
     for path in photos:
@@ -267,10 +257,10 @@ def test_tensor_preprocessing_reproduces_pil_resize(demo: Path, tmp_path: Path) 
         for box in [(0.0, 0.0, float(img.width), float(img.height)), (13.4, 20.7, img.width * 0.6, img.height - 5.2)]:
             for mode in embed.RESIZE_MODES:
                 ours = embed.prepare_pil(img, box, 224, mode).astype(np.int16)
-                reference = _pil_resize_reference(img, box, 224, mode)
+                reference = embed.pil_resize_reference(img, box, 224, mode).astype(np.int16)
                 assert np.abs(ours - reference).max() <= 1, (path.name, box, mode)
                 assert np.abs(ours - reference).mean() < 0.1  # off-by-one rounding in a few pixels only
-                np.testing.assert_array_equal(ours, embed.decode_crop(path, box, 224, mode))
+                np.testing.assert_array_equal(ours, embed.decode_crop_chw(path, box, 224, mode).permute(1, 2, 0).numpy())
 
 
 def test_jpeg_draft_decode_matches_full_decode(tmp_path: Path) -> None:
@@ -281,7 +271,7 @@ def test_jpeg_draft_decode_matches_full_decode(tmp_path: Path) -> None:
     path = tmp_path / "big.jpg"
     Image.fromarray(big).save(path, quality=92)
     box = (100.0, 200.0, 1500.0, 1100.0)
-    fast = embed.decode_crop(path, box, 64, "pad").astype(np.int16)
+    fast = embed.decode_crop_chw(path, box, 64, "pad").permute(1, 2, 0).numpy().astype(np.int16)
     full = embed.prepare_pil(load_rgb(path), box, 64, "pad").astype(np.int16)
     assert fast.shape == full.shape == (64, 64, 3)
     assert np.abs(fast - full).mean() < 4.0

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,7 @@ from niteru.config import StageConfig
 from niteru.errors import BadImageError, ConfigError, SchemaError
 from niteru.images import DEFAULT_MAX_PIXELS, to_rgb
 from niteru.io import read_json, write_json_atomic, write_npy_atomic, write_parquet_atomic
+from niteru.runtime import OpenVinoNetwork, Runtime, decode_threads, resolve_runtime, threaded_batches
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class EmbedConfig(StageConfig):
     num_workers: int = Field(-1, ge=-1, description="decode workers (DataLoader processes; threads on the OpenVINO "
                                                     "path); -1 = auto")
     gpu_decode: bool = Field(True, description="decode JPEGs with nvjpeg when the device is CUDA")
-    runtime: Literal["auto", "torch", "openvino"] = Field("auto", description="CPU inference runtime: auto (OpenVINO when installed, else torch), "
+    runtime: Runtime = Field("auto", description="CPU inference runtime: auto (OpenVINO when installed, else torch), "
                                              "torch or openvino; CUDA always runs on torch")
     shard_index: int = Field(0, ge=0, description="which shard this worker embeds")
     num_shards: int = Field(1, ge=1, description="number of shards; >1 writes embed/shards/ for merge_shards")
@@ -92,14 +93,34 @@ def clamp_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, 
     return x0, y0, x1, y1
 
 
+def pil_chw(img: Image.Image) -> torch.Tensor:
+    """A PIL image's RGB pixels as a uint8 CHW tensor (a view with channels-last strides, what the uint8 kernel wants)."""
+    return torch.from_numpy(np.array(to_rgb(img))).permute(2, 0, 1)
+
+
 def prepare_pil(img: Image.Image, box: Sequence[float] | None, size: int, mode: str) -> np.ndarray:
     """Crop ``box`` (pixels of ``img``), resize and pad: uint8 ``[size, size, 3]``.
 
     The one preprocessing of query photos and catalog crops alike: :func:`prepare_tensor` on the image's pixels
     (torch's uint8 antialiased bilinear kernel, which reproduces PIL's ``BILINEAR`` resize within one grey level).
     """
-    chw = torch.from_numpy(np.array(to_rgb(img))).permute(2, 0, 1)
-    return prepare_tensor(chw, box, size, mode).permute(1, 2, 0).numpy()
+    return prepare_tensor(pil_chw(img), box, size, mode).permute(1, 2, 0).numpy()
+
+
+def pil_resize_reference(img: Image.Image, box: Sequence[float] | None, size: int, mode: str) -> np.ndarray:
+    """The same crop/resize/pad done by PIL itself (``BILINEAR``, antialiased), uint8 ``[size, size, 3]``.
+
+    Not used by the pipeline: the reference :func:`prepare_tensor` is tested against, and the preprocessing of the
+    naive baseline in ``benchmarks/bench_embed.py``.
+    """
+    img = to_rgb(img)
+    if box is not None:
+        img = img.crop(clamp_box(box, *img.size))
+    new_w, new_h = target_size(img.width, img.height, size, mode)
+    canvas = Image.new("RGB", (size, size), (PAD_VALUE,) * 3)
+    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None),
+                 ((size - new_w) // 2, (size - new_h) // 2))
+    return np.asarray(canvas)
 
 
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -131,26 +152,14 @@ def decode_crop_chw(path: str | os.PathLike[str], box: Sequence[float], size: in
             img.draft("RGB", (math.ceil(raw_w * scale), math.ceil(raw_h * scale)))
         if orientation in range(2, 9):
             img = ImageOps.exif_transpose(img)  # (a copy; skipped for the common upright photo)
-        img = to_rgb(img)
-        pixels = np.array(img)  # writable (torch.from_numpy shares it)
+        chw = pil_chw(img)
     except BadImageError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"cannot decode image {path}: {exc}") from None
     sx, sy = img.width / full_w, img.height / full_h
     scaled = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    chw = torch.from_numpy(pixels).permute(2, 0, 1)  # a view: channels-last strides, what the uint8 kernel wants
     return prepare_tensor(chw, scaled, size, mode)
-
-
-def decode_crop(path: str | os.PathLike[str], box: Sequence[float], size: int, mode: str,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """:func:`decode_crop_chw` as a uint8 HWC array (the layout of :func:`prepare_pil`)."""
-    return decode_crop_chw(path, box, size, mode, max_pixels).permute(1, 2, 0).numpy()
-
-
-def _to_chw(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -338,8 +347,6 @@ class Embedder:
     def __init__(self, backbone: Backbone, head: torch.nn.Module | None = None, head_spec: str = "",
                  projection: Projection | None = None, resize: str = "pad", device: str = "cpu",
                  runtime: str = "auto"):
-        from niteru.runtime import resolve_runtime
-
         if resize not in RESIZE_MODES:
             raise ConfigError(f"unknown resize mode {resize!r}; use one of {RESIZE_MODES}")
         self.backbone = backbone
@@ -348,7 +355,7 @@ class Embedder:
         self.resize = resize
         self.device = device
         self.runtime = resolve_runtime(runtime, device)
-        self._openvino: Any = None
+        self._openvino: OpenVinoNetwork | None = None
         self._openvino_lock = threading.Lock()
         self.input_size = backbone.info.input_size
         self.network = FeatureNet(inference_copy(backbone.module), head.eval() if head is not None else None).eval()
@@ -396,13 +403,11 @@ class Embedder:
     def is_cuda(self) -> bool:
         return str(self.device).startswith("cuda")
 
-    def openvino_network(self) -> Any:
+    def openvino_network(self) -> OpenVinoNetwork:
         """The network compiled by OpenVINO (:class:`niteru.runtime.OpenVinoNetwork`), built on first use (~1 s)."""
         if self._openvino is None:
             with self._openvino_lock:
                 if self._openvino is None:
-                    from niteru.runtime import OpenVinoNetwork
-
                     self._openvino = OpenVinoNetwork(self.network, self.input_size, self._mean, self._std)
         return self._openvino
 
@@ -446,8 +451,9 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         chunks = []
         for start in range(0, len(images), batch_size):
-            arrays = [prepare_pil(img, None, self.input_size, self.resize) for img in images[start:start + batch_size]]
-            chunks.append(self.forward_uint8(torch.stack([_to_chw(a) for a in arrays])))
+            crops = [prepare_tensor(pil_chw(img), None, self.input_size, self.resize)
+                     for img in images[start:start + batch_size]]
+            chunks.append(self.forward_uint8(torch.stack(crops)))
         return self.finish(np.concatenate(chunks))
 
     def iter_features(self, paths: Sequence[str], boxes: np.ndarray, batch_size: int = 64, num_workers: int = -1,
@@ -483,8 +489,6 @@ class Embedder:
                                 progress: bool) -> Iterator[tuple[slice, np.ndarray]]:
         """CPU path: decode threads feed the OpenVINO infer requests; results come back in input order."""
         from tqdm.auto import tqdm
-
-        from niteru.runtime import decode_threads, threaded_batches
 
         n = len(paths)
         net = self.openvino_network()

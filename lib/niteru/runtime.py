@@ -24,9 +24,9 @@ import queue
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from niteru.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino")
+Runtime = Literal["auto", "torch", "openvino"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 ONNX_OPSET = 17
 
 
@@ -117,18 +118,15 @@ class OpenVinoNetwork:
     time (no two callers can each hold part of the pool and wait for the rest).
     """
 
-    def __init__(self, network: torch.nn.Module, input_size: int, mean: torch.Tensor, std: torch.Tensor,
-                 threads: int = 0):
+    def __init__(self, network: torch.nn.Module, input_size: int, mean: torch.Tensor, std: torch.Tensor):
         ov = import_openvino()
 
         with tempfile.TemporaryDirectory(prefix="niteru-onnx-") as tmp:
             onnx_path = export_onnx(network, input_size, mean, std, Path(tmp) / "network.onnx")
             core = ov.Core()
             model = core.read_model(str(onnx_path))
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads > 0:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(model, "CPU", config)
+        self.compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT",
+                                                          "INFERENCE_PRECISION_HINT": "f32"})
         self.n_requests = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))
         self.threads = int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
@@ -150,6 +148,12 @@ class OpenVinoNetwork:
         """Submit ``batch`` to ``request`` (the one place pixels enter the compiled model)."""
         request.start_async({0: batch}, share_inputs=False)
 
+    @staticmethod
+    def collect(request: Any) -> np.ndarray:
+        """Wait for ``request`` and copy its features out (the request's buffer is reused by the next batch)."""
+        request.wait()
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = self._check(batch)
         parts = min(self.n_requests, len(batch))
@@ -158,8 +162,7 @@ class OpenVinoNetwork:
         request = self._pool.get()
         try:
             self.start(request, batch)
-            request.wait()
-            return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+            return self.collect(request)
         finally:
             self._pool.put(request)
 
@@ -173,16 +176,13 @@ class OpenVinoNetwork:
             for batch in batches:
                 if not free:
                     done = in_flight.popleft()
-                    done.wait()
-                    yield np.array(done.get_output_tensor(0).data, dtype=np.float32, copy=True)
+                    yield self.collect(done)
                     free.append(done)
                 request = free.pop()
                 self.start(request, self._check(batch))
                 in_flight.append(request)
             while in_flight:
-                done = in_flight.popleft()
-                done.wait()
-                yield np.array(done.get_output_tensor(0).data, dtype=np.float32, copy=True)
+                yield self.collect(in_flight.popleft())
         finally:
             for request in in_flight:
                 request.wait()  # an abandoned generator must not leave requests running
@@ -190,7 +190,7 @@ class OpenVinoNetwork:
                 self._pool.put(request)
 
 
-def threaded_batches(load: Any, n: int, batch_size: int, threads: int, prefetch: int) -> Iterator[np.ndarray]:
+def threaded_batches(load: Callable[[int], np.ndarray], n: int, batch_size: int, threads: int, prefetch: int) -> Iterator[np.ndarray]:
     """Batches ``np.stack([load(i) for i in batch])`` built by ``threads`` threads, in order, ``prefetch`` ahead.
 
     PIL (decode) and torch (crop/resize) release the GIL, so threads overlap decoding with inference without
